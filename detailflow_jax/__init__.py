@@ -1,0 +1,1 @@
+"""DetailFlow in JAX/Flax: coarse-to-fine 1D tokenizer and group-parallel GPT."""
