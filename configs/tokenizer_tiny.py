@@ -1,0 +1,57 @@
+"""Tiny DetailFlow tokenizer on Fashion-MNIST 32x32 (the embedded default), CPU-sized.
+
+32 tokens in groups of 4 (first 4 token-causal); R(n) from 1 px to 32 px with alpha 1.5.
+Schedules of the paper config are scaled to the short run: LPIPS warm-up and GAN start are
+fractions of num_steps. No pretrained files needed: from-scratch PatchGAN discriminator,
+no SigLIP2 alignment (it needs the user's SigLIP2 weights; see configs/tokenizer_128.py).
+"""
+from detailflow_jax import config_defaults as defaults
+
+
+def get_config(arg=None):
+  c = defaults.tokenizer_training_config()
+  t = c.tokenizer
+  t.image_size = 32
+  t.num_tokens = 32
+  t.group_size = 4
+  t.causal_num = 4
+  t.min_decoder_size = 16
+  t.codebook_size = 1024
+  t.codebook_dim = 8
+  t.encoder = defaults.vit_config(128, 3, 4, 512, 4, 8)
+  t.decoder = defaults.vit_config(128, 3, 4, 512, 4, 8)
+
+  c.data.source = "fashion_mnist"
+  c.data.batch_size = 32
+  c.data.resize_min = 32
+  c.data.resize_max = 32
+
+  c.loss.discriminator = "patchgan"
+  c.loss.align_weight = 0.0
+  c.loss.init_encoder_from_siglip = False
+  c.loss.lpips_weight = 0.1
+  c.loss.gan_weight = 0.05
+
+  c.train.num_steps = 1500
+  c.train.compute_dtype = "float32"
+  c.train.log_every = 50
+  c.train.checkpoint_every = 250
+  c.train.image_every = 500
+  c.loss.lpips_warmup_steps = 300
+  c.loss.gan_start_step = 1000
+
+  c.optim.learning_rate = 1e-3
+  c.optim.scale_lr_by_batch = False
+  c.optim.min_learning_rate = 1e-4
+  c.optim.warmup_steps = 100
+  c.optim.disc_learning_rate = 1e-4
+
+  if arg == "smoke":  # seconds-long run for tests
+    c.train.num_steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.train.image_every = 0
+    c.data.batch_size = 8
+    c.loss.lpips_warmup_steps = 2
+    c.loss.gan_start_step = 2
+  return c

@@ -1,0 +1,125 @@
+"""The training loop shared by the tokenizer and AR trainers.
+
+A trainer provides: an initial sharded state, a `step(state, batch) -> (state, metrics)` that
+is already jitted, a data iterator with get_state/set_state, and optional periodic callbacks.
+This loop owns resuming, checkpointing (with the iterator state), metric writing, the progress
+line, NaN/inf detection and SIGTERM handling (save at the next step boundary, exit cleanly).
+"""
+import dataclasses
+import signal
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+from detailflow_jax.train import checkpoints
+from detailflow_jax.train import metrics_writer
+from detailflow_jax.train import sharding
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class LoopHooks:
+  """Periodic work besides the step; each gets (step, state)."""
+  every: int = 0
+  fn: Optional[Callable[[int, Any], None]] = None
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (TPU preemption, SLURM requeue); read at step boundaries."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def install(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. inside some test runners)
+      self._previous = None
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self):
+    # Every process must agree, or one would save while another trains on.
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return bool(np.any(flags))
+
+
+def run(*, workdir, state, abstract_state, step_fn, data_iterator, mesh, num_steps,
+        log_every, checkpoint_every, keep_checkpoints, hooks=(), metric_prefix="train",
+        step_of=lambda s: s.step):
+  """Trains until `num_steps`, resuming from WORKDIR/checkpoints if present. Returns state."""
+  checkpointer = checkpoints.Checkpointer(workdir, keep=keep_checkpoints)
+  restored, data_state = checkpointer.restore(abstract_state)
+  if restored is not None:
+    state = restored
+    if data_state:
+      data_iterator.set_state(data_state)
+  start = int(step_of(state))
+  if start >= num_steps:
+    logging.info("checkpoint already at step %d >= num_steps %d; nothing to train", start, num_steps)
+    checkpointer.close()
+    return state
+  if start:
+    print(f"resumed from step {start} in {workdir}", flush=True)
+
+  writer = metrics_writer.create_writer(workdir)
+  progress = metrics_writer.ProgressLine(num_steps, start)
+  preemption = PreemptionFlag()
+  preemption.install()
+  pending = []
+  last_good_step = start
+  try:
+    for step in range(start + 1, num_steps + 1):
+      # The iterator state saved with a checkpoint must be the one *before* the next batch.
+      batch = sharding.shard_batch(next(data_iterator), mesh)
+      state, metrics = step_fn(state, batch)
+      pending.append(metrics)
+      if step % log_every == 0 or step == num_steps:
+        host = jax.device_get(pending)
+        pending = []
+        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+        if not all(np.isfinite(v) for k, v in scalars.items() if "loss" in k):
+          raise NonFiniteLossError(
+              f"non-finite loss at step {step}: {scalars}. Training stopped; the last good "
+              f"checkpoint (step {last_good_step}) in {checkpointer.directory} is intact.")
+        rate = progress(step, scalars)
+        scalars["steps_per_sec"] = rate
+        writer.write_scalars(step, {f"{metric_prefix}/{k}": v for k, v in scalars.items()})
+      stop = preemption.should_stop()
+      if step % checkpoint_every == 0 or step == num_steps or stop:
+        if pending:  # never checkpoint a state whose losses were not checked
+          host = jax.device_get(pending)
+          if not all(np.isfinite(float(v)) for m in host for k, v in m.items() if "loss" in k):
+            raise NonFiniteLossError(
+                f"non-finite loss before step {step}; the last good checkpoint "
+                f"(step {last_good_step}) in {checkpointer.directory} is intact.")
+        checkpointer.save(step, state, data_iterator.get_state())
+        checkpointer.wait()
+        last_good_step = step
+      for hook in hooks:
+        if hook.every and step % hook.every == 0:
+          hook.fn(step, state)
+      if stop:
+        print(f"SIGTERM: saved step {step}; exiting. Run the same command to resume.", flush=True)
+        break
+  finally:
+    preemption.uninstall()
+    writer.flush()
+    checkpointer.close()
+  return state
