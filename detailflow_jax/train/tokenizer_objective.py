@@ -1,0 +1,154 @@
+"""The tokenizer's training objective and its one jitted step.
+
+L_G = mse_w * MSE + lpips_w(t) * LPIPS + gan_w(t) * hinge_G + vq + commit + align_w * L_align
+L_D = gan_w(t) * (hinge_D + lecam_w * LeCAM) + cr_w(t) * consistency   (digest section 1)
+
+Reconstructions of the clean and of the self-corrected sequence are both compared with the same
+degraded target (the target is tiled twice along the batch when correction is on).
+"""
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from detailflow_jax.losses import adversarial
+from detailflow_jax.losses import alignment
+from detailflow_jax.losses import discriminator
+from detailflow_jax.losses import gan
+from detailflow_jax.losses import perceptual
+from detailflow_jax.models import tokenizer as tokenizer_model
+from detailflow_jax.train import optim
+
+
+@flax.struct.dataclass
+class TokenizerState:
+  step: jax.Array
+  params: dict            # {"tokenizer": ..., "align_mlp": ... (when aligning)}
+  opt_state: optax.OptState
+  disc_params: dict
+  disc_state: dict        # BatchNorm statistics (+ the frozen DINO trunk, when used)
+  disc_opt_state: optax.OptState
+  lecam_state: gan.LecamState
+  ema_params: dict        # {} when EMA is off
+  rng: jax.Array
+
+
+def compute_dtype(name):
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if name not in dtypes:
+    raise ValueError(f"train.compute_dtype={name!r}; valid: {', '.join(dtypes)}")
+  return dtypes[name]
+
+
+class TokenizerObjective:
+  """Holds the modules, frozen feature models and optimizers; builds the train step."""
+
+  def __init__(self, config):
+    self.config = config
+    self.loss = config.loss
+    self.model = tokenizer_model.DetailFlowTokenizer(
+        config.tokenizer, dtype=compute_dtype(config.train.compute_dtype))
+    self.lpips_params, self.lpips_fn = perceptual.make_lpips()
+    self.siglip = None
+    if self.loss.align_weight:
+      from detailflow_jax.models import siglip2  # pylint: disable=g-import-not-at-top
+      self.siglip = siglip2.load_feature_model(self.loss.siglip_weights, "loss.siglip_weights")
+    self.disc_module, self.disc_init_params, self.disc_init_state = discriminator.make_discriminator(
+        self.loss, config.tokenizer.image_size, jax.random.PRNGKey(config.seed + 1))
+    self.disc_apply = functools.partial(discriminator.discriminator_apply, self.disc_module)
+    batch = config.data.batch_size
+    self.tx, self.lr_schedule = optim.adam_with_schedule(config.optim, config.train.num_steps, batch)
+    self.disc_tx, _ = optim.adam_with_schedule(
+        config.optim, config.train.num_steps, batch,
+        learning_rate=optim.scaled_learning_rate(config.optim, batch)
+        if config.optim.disc_learning_rate is None else config.optim.disc_learning_rate)
+
+  def gan_active(self, step):
+    return bool(self.loss.gan_weight) and step >= self.loss.gan_start_step
+
+  def init_state(self, rng, tokenizer_params=None):
+    """A fresh state (call under jit with out_shardings to place it)."""
+    tok_rng, mlp_rng, state_rng = jax.random.split(rng, 3)
+    if tokenizer_params is None:
+      tokenizer_params = tokenizer_model.init_params(self.config.tokenizer, tok_rng)
+    params = {"tokenizer": tokenizer_params}
+    if self.loss.align_weight:
+      _, params["align_mlp"] = alignment.init_alignment_mlp(
+          mlp_rng, self.config.tokenizer.codebook_dim, out_dim=self.siglip.width)
+    ema = params if self.config.train.ema_decay else {}
+    return TokenizerState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+        disc_params=self.disc_init_params, disc_state=self.disc_init_state,
+        disc_opt_state=self.disc_tx.init(self.disc_init_params), lecam_state=gan.lecam_init(),
+        ema_params=ema, rng=state_rng)
+
+  def generator_loss(self, params, state, batch, rng, use_correction, gan_active):
+    loss_cfg = self.loss
+    step = state.step + 1
+    fwd_rng, gan_rng = jax.random.split(rng)
+    target = batch["target"]
+    out = self.model.apply(
+        {"params": params["tokenizer"]}, batch["image"], batch["num_tokens"],
+        batch["noise_position"] if use_correction else None, target.shape[1], fwd_rng,
+        method=tokenizer_model.DetailFlowTokenizer.train_forward)
+    recon = out["reconstructions"].astype(jnp.float32)
+    if use_correction:
+      target = jnp.concatenate([target, target], axis=0)
+    mse = jnp.mean(jnp.square(recon - target))
+    lpips = jnp.mean(self.lpips_fn(self.lpips_params, recon, target))
+    lpips_weight = gan.warmup_weight(loss_cfg.lpips_weight, step, loss_cfg.lpips_warmup_steps)
+    total = (loss_cfg.mse_weight * mse + lpips_weight * lpips
+             + loss_cfg.vq_weight * (out["vq_loss"] + out["commit_loss"]))
+    metrics = dict(mse_loss=mse, lpips_loss=lpips, vq_loss=out["vq_loss"],
+                   commit_loss=out["commit_loss"], codebook_usage=out["codebook_usage"],
+                   perplexity=out["perplexity"])
+    disc_state = state.disc_state
+    if gan_active:
+      g_term, aux = adversarial.generator_adversarial_loss(
+          self.disc_apply, state.disc_params, disc_state, recon, gan_rng, step, loss_cfg)
+      total = total + g_term
+      disc_state = aux["disc_state"]
+      metrics["gan_g_loss"] = aux["g_loss"]
+    if loss_cfg.align_weight:
+      features = self.siglip.features(batch["image"])
+      align = alignment.alignment_loss(params["align_mlp"], out["first_token"], features)
+      total = total + loss_cfg.align_weight * align
+      metrics["align_loss"] = align
+    metrics["loss"] = total
+    return total, (metrics, recon, target, disc_state)
+
+  def train_step(self, state, batch, *, use_correction, gan_active):
+    rng = jax.random.fold_in(state.rng, state.step)
+    gen_rng, disc_rng = jax.random.split(rng)
+    grad_fn = jax.value_and_grad(self.generator_loss, has_aux=True)
+    (_, (metrics, recon, target, disc_state)), grads = grad_fn(
+        state.params, state, batch, gen_rng, use_correction, gan_active)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = self.lr_schedule(state.step)
+
+    disc_params, disc_opt_state, lecam_state = (
+        state.disc_params, state.disc_opt_state, state.lecam_state)
+    if gan_active:
+      def d_loss_fn(dp):
+        return adversarial.discriminator_loss(
+            self.disc_apply, dp, disc_state, target, recon, lecam_state, disc_rng,
+            state.step + 1, self.loss)
+      (d_loss, d_aux), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(disc_params)
+      d_updates, disc_opt_state = self.disc_tx.update(d_grads, disc_opt_state, disc_params)
+      disc_params = optax.apply_updates(disc_params, d_updates)
+      disc_state, lecam_state = d_aux["disc_state"], d_aux["lecam_state"]
+      metrics.update(disc_loss=d_loss, logits_real=d_aux["logits_real"],
+                     logits_fake=d_aux["logits_fake"])
+
+    ema = state.ema_params
+    if self.config.train.ema_decay:
+      ema = optim.ema_update(ema, params, self.config.train.ema_decay)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
+        disc_state=disc_state, disc_opt_state=disc_opt_state, lecam_state=lecam_state,
+        ema_params=ema)
+    return new_state, metrics

@@ -1,0 +1,22 @@
+"""Creating the tokenizer train state directly in its shardings."""
+import jax
+
+from detailflow_jax.train import sharding
+
+
+def create(config, objective, mesh):
+  """Returns (state, abstract_state, shardings). Params are initialised inside jit with
+  out_shardings, so no device ever holds an unsharded copy."""
+  rng = jax.random.PRNGKey(config.seed)
+  init_params = None
+  if config.loss.init_encoder_from_siglip:
+    from detailflow_jax.models import siglip2  # pylint: disable=g-import-not-at-top
+    init_params = siglip2.tokenizer_params_with_siglip_encoder(
+        config.loss.siglip_weights, config.tokenizer, rng, config_key="loss.siglip_weights")
+  abstract = jax.eval_shape(lambda r: objective.init_state(r, init_params), rng)
+  shardings = sharding.state_shardings(abstract, mesh)
+  with mesh:
+    state = jax.jit(lambda r: objective.init_state(r, init_params), out_shardings=shardings)(rng)
+  abstract = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return state, abstract, shardings

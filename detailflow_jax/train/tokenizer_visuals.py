@@ -1,0 +1,51 @@
+"""Periodic coarse-to-fine strips: each row is one image decoded from its first n tokens, for
+every n in the token list (left to right), then the input."""
+import jax
+import numpy as np
+
+from detailflow_jax import detail
+from detailflow_jax import images as image_io
+from detailflow_jax.data import pipeline
+
+NUM_EXAMPLES = 8
+
+
+def prefix_reconstructions(model, params, images, schedule):
+  """{n: decoded images (B, d_n, d_n, 3)} for every n in the token list."""
+  encoded = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, images)
+  decode = jax.jit(
+      lambda p, q, n, size: model.apply({"params": p}, q, n, size, method=model.decode),
+      static_argnums=(2, 3))
+  return {n: decode(params, encoded["quant"], n, schedule.decoder_size(n))
+          for n in schedule.token_list}
+
+
+class ReconstructionStrips:
+  """Hook writing WORKDIR/images/strip_<step>.png from a fixed batch of eval images."""
+
+  def __init__(self, config, objective, workdir):
+    self.config = config
+    self.model = objective.model
+    self.workdir = workdir
+    self.schedule = detail.ResolutionSchedule.from_config(config.tokenizer)
+    self._images = None
+
+  def images(self):
+    if self._images is None:
+      batch = next(iter(pipeline.make_eval_iterator(
+          self.config, self.config.data.eval_split, NUM_EXAMPLES)))
+      self._images = np.asarray(batch["image"][:NUM_EXAMPLES])
+    return self._images
+
+  def __call__(self, step, state):
+    if jax.process_index() != 0:
+      return
+    images = self.images()
+    params = jax.device_get(state.params["tokenizer"])
+    recons = prefix_reconstructions(self.model, params, images, self.schedule)
+    rows = []
+    for i in range(images.shape[0]):
+      row = [image_io.to_uint8(np.asarray(recons[n][i])) for n in self.schedule.token_list]
+      rows.append(row + [image_io.to_uint8(images[i])])
+    strip = image_io.coarse_to_fine_strip(rows, self.config.tokenizer.image_size)
+    image_io.save_png(strip, f"{self.workdir}/images/strip_{step:07d}.png")
