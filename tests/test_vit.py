@@ -49,6 +49,11 @@ def test_mask_blocks_keys():
   model = vit.SiglipTransformer(width=8, depth=1, num_heads=2, mlp_dim=16)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 8))
   params = model.init(jax.random.PRNGKey(1), x)
+  # Hugging Face SigLIP init: zero attention biases, ~1e-6 MLP biases, LayerNorm (1, 0).
+  layer = params["params"]["layers_0"]
+  assert not np.any(layer["self_attn"]["q_proj"]["bias"])
+  assert 0 < np.abs(layer["mlp"]["fc1"]["bias"]).max() < 1e-5
+  np.testing.assert_array_equal(layer["layer_norm1"]["scale"], 1.0)
   # Queries 0..2 may only see keys 0..2: changing tokens 3, 4 must not change outputs 0..2.
   mask = np.ones((5, 5), bool)
   mask[:3, 3:] = False

@@ -18,6 +18,16 @@ Dtype = Any
 Precision = Any
 
 
+# PyTorch's nn.Linear default init: U(+-1/sqrt(fan_in)) for weight and bias. Used for the
+# official modules that are plain nn.Linear (not re-initialised by Hugging Face's _init_weights).
+torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in):
+  bound = 1.0 / np.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def _check_positive(name, value):
   if int(value) != value or value < 1:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -108,15 +118,22 @@ class SiglipPatchEmbeddings(nn.Module):
   pos_grid: int
   dtype: Dtype = jnp.float32
   precision: Precision = None
+  # Hugging Face re-initialises its own patch Linear (lecun normal, zero bias); the tokenizer
+  # replaces it by a fresh PyTorch Linear when its patch size differs from SigLIP2's 16.
+  torch_default_init: bool = False
 
   @nn.compact
   def __call__(self, images):
     patches = patchify(images, self.patch_size)
     grid_h = images.shape[1] // self.patch_size
     grid_w = images.shape[2] // self.patch_size
+    if self.torch_default_init:
+      inits = dict(kernel_init=torch_linear_kernel_init,
+                   bias_init=torch_linear_bias_init(patches.shape[-1]))
+    else:
+      inits = dict(kernel_init=nn.initializers.lecun_normal())
     tokens = nn.Dense(self.width, dtype=self.dtype, precision=self.precision,
-                      kernel_init=nn.initializers.lecun_normal(),
-                      name="patch_embedding")(patches)
+                      name="patch_embedding", **inits)(patches)
     pos = PositionTable(self.pos_grid, self.width, name="position_embedding")(grid_h, grid_w)
     return tokens + pos.astype(tokens.dtype)[None], (grid_h, grid_w)
 
