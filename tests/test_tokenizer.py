@@ -81,7 +81,7 @@ def one_layer(official):
   params = jax.tree.map(lambda x: x, official.params)
   for tower in ("encoder", "decoder"):
     del params[tower]["transformer"]["layers_1"]
-  return tokenizer_lib.DetailFlowTokenizer(config), params
+  return tokenizer_lib.DetailFlowTokenizer(config, precision=official.model.precision), params
 
 
 def test_train_forward_gradients_follow_the_masks(official):

@@ -12,6 +12,8 @@ from detailflow_jax.models import tokenizer as tokenizer_lib
 from tests.conftest import max_relative_error
 
 TOLERANCE = 1e-4
+# Full float32 matmuls, so the parity bounds also hold on accelerators (whose default is lower).
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def config_from_parity(cfg):
@@ -46,7 +48,7 @@ class Official:
   def __init__(self, case):
     self.case, self.io = case, case.io
     self.config = config_from_parity(case.config)
-    self.model = tokenizer_lib.DetailFlowTokenizer(self.config)
+    self.model = tokenizer_lib.DetailFlowTokenizer(self.config, precision=HIGHEST)
     self.params = sd_lib.tokenizer_params_from_state_dict(case.state_dict, self.config)
     variables = {"params": self.params}
     apply = lambda *a, **k: self.model.apply(variables, *a, **k)

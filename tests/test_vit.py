@@ -48,7 +48,7 @@ def test_patchify_order_and_inverse():
 def test_mask_blocks_keys():
   model = vit.SiglipTransformer(width=8, depth=1, num_heads=2, mlp_dim=16)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 8))
-  params = model.init(jax.random.PRNGKey(1), x)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), x)
   # Hugging Face SigLIP init: zero attention biases, ~1e-6 MLP biases, LayerNorm (1, 0).
   layer = params["params"]["layers_0"]
   assert not np.any(layer["self_attn"]["q_proj"]["bias"])
@@ -57,8 +57,9 @@ def test_mask_blocks_keys():
   # Queries 0..2 may only see keys 0..2: changing tokens 3, 4 must not change outputs 0..2.
   mask = np.ones((5, 5), bool)
   mask[:3, 3:] = False
-  y1 = model.apply(params, x, mask)
-  y2 = model.apply(params, x.at[:, 3:].set(7.0), mask)
+  apply = jax.jit(model.apply)
+  y1 = apply(params, x, mask)
+  y2 = apply(params, x.at[:, 3:].set(7.0), mask)
   np.testing.assert_allclose(y1[:, :3], y2[:, :3], rtol=0, atol=1e-6)
   assert not np.allclose(y1[:, 3:], y2[:, 3:])
   with pytest.raises(ValueError, match="mask must be boolean"):
@@ -72,9 +73,11 @@ def test_encoder_tower_patch_tokens_match_official(parity_tokenizer):
   sd = parity_tokenizer.state_dict
   enc = cfg["encoder"]
   prefix = "encoder.visual_model."
-  embeddings = vit.SiglipPatchEmbeddings(enc["width"], enc["patch_size"], cfg["pos_emb_grid"])
+  highest = jax.lax.Precision.HIGHEST  # full float32 matmuls on accelerators too
+  embeddings = vit.SiglipPatchEmbeddings(enc["width"], enc["patch_size"], cfg["pos_emb_grid"],
+                                         precision=highest)
   transformer = vit.SiglipTransformer(enc["width"], enc["layers"], enc["heads"], enc["mlp"],
-                                      cfg["layer_norm_eps"])
+                                      cfg["layer_norm_eps"], precision=highest)
   emb_params = sd_lib.siglip_embeddings_params_from_state_dict(sd, prefix)
   tr_params = sd_lib.siglip_transformer_params_from_state_dict(sd, prefix)
   assert len([k for k in tr_params if k.startswith("layers_")]) == enc["layers"]

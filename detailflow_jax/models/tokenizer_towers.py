@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from detailflow_jax import detail
 from detailflow_jax.models import vit
@@ -14,6 +15,13 @@ from detailflow_jax.models import vit
 # SigLIP2-so400m's patch size: the official encoder keeps Hugging Face's patch Linear (and its
 # init) at this size and swaps in a fresh PyTorch Linear at any other.
 SIGLIP2_PATCH_SIZE = 16
+
+
+def _static_int(x):
+  """x as a Python int if it is a static (non-traced) integer, else None."""
+  if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+    return int(x)
+  return None
 
 
 def _trunc_normal_002(key, shape, dtype=jnp.float32):
@@ -54,8 +62,8 @@ class LatentEncoder(nn.Module):
     self.latent_pos_embed = self.param("latent_pos_embed", _trunc_normal_002, shape)
 
   def check_num_latents(self, num_latents):
-    m = self.num_latents if num_latents is None else num_latents
-    if not isinstance(m, int) or not self.causal_num <= m <= self.num_latents or m % self.group_size:
+    m = self.num_latents if num_latents is None else _static_int(num_latents)
+    if m is None or not self.causal_num <= m <= self.num_latents or m % self.group_size:
       raise ValueError(
           f"num_latents={num_latents!r} must be a static int in [causal_num={self.causal_num}, "
           f"num_tokens={self.num_latents}] and a multiple of group_size={self.group_size}")
@@ -109,13 +117,14 @@ class LatentDecoder(nn.Module):
                              bias_init=vit.torch_linear_bias_init(self.width))
 
   def __call__(self, latents, output_size: int, num_valid=None):
-    if not isinstance(output_size, int) or output_size < self.patch_size or output_size % self.patch_size:
+    size = _static_int(output_size)
+    if size is None or size < self.patch_size or size % self.patch_size:
       raise ValueError(f"output_size={output_size!r} must be a static positive multiple of the "
                        f"decoder patch size {self.patch_size}")
     batch, n, _ = latents.shape
     if not 1 <= n <= self.num_latents:
       raise ValueError(f"decoder got {n} latents, it takes 1..{self.num_latents}")
-    grid = output_size // self.patch_size
+    grid = size // self.patch_size
     pos = self.position_embedding(grid, grid)
     patches = jnp.broadcast_to(self.mask_token + pos[None], (batch, grid * grid, self.width))
     latents = latents + self.latent_pos_embed[:, :n]
