@@ -1,0 +1,367 @@
+"""The class-conditional group-parallel GPT of DetailFlow (a LlamaGen-style decoder).
+
+Weight-compatible with the official `Transformer` (see interop/gpt_state_dict.py). Sequence
+layout for n codes z_0..z_{n-1} with g = group_size, c = causal_num:
+
+  n <  c:  [class, z_0 .. z_{n-1}]                                  (length n + 1)
+  n >= c:  [class, z_0 .. z_{c-1}, s_0 .. s_{g-2}, z_c .. z_{n-1}]  (length n + g)
+
+where s_i are g-1 learned special tokens. With that layout the logits at position k predict
+code k, so training feeds n = N - g codes and gets exactly N predictions. Attention uses the
+group-causal mask of `detail.gpt_attention_mask`; positions carry a 2D rotary embedding.
+
+Two entry points share every weight:
+  * `__call__(codes, labels, train)`: the training path (whole sequence, dropout when train).
+  * `decode_step(embeddings, start, cache)`: a block of q new positions against a KV cache,
+    used by the sampler (sampling.py); it gives the same logits as `__call__` on the prefix.
+"""
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from detailflow_jax import detail
+
+# LlamaGen sizes: (num_layers, dim, num_heads).
+GPT_SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (36, 1280, 20), "XXL": (48, 1536, 24)}
+
+
+def ffn_hidden_size(dim, multiple_of=256):
+  """SwiGLU width of the official FeedForward: int(2 * 4 * dim / 3) rounded up to `multiple_of`."""
+  hidden = int(2 * (4 * dim) / 3)
+  return -(-hidden // multiple_of) * multiple_of
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """Hyper-parameters of the GPT. Frozen (hashable) so it can be a static jit argument."""
+  vocab_size: int = 8192
+  num_layers: int = 12
+  dim: int = 768
+  num_heads: int = 12
+  num_classes: int = 1000
+  block_size: int = 128          # N, codes per image
+  group_size: int = 8            # g, codes predicted together
+  causal_num: int = 8            # c, leading codes predicted one at a time
+  cls_token_num: int = 1
+  ffn_dim: int = 0               # 0: the official SwiGLU rounding of the width
+  norm_eps: float = 1e-5
+  rope_base: float = 10000.0
+  token_dropout: float = 0.1     # on the input embeddings (official tok_dropout)
+  resid_dropout: float = 0.1     # after the attention output projection
+  ffn_dropout: float = 0.1       # after the SwiGLU output projection
+  class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
+  dtype: str = "float32"         # compute dtype; parameters stay float32
+
+  def __post_init__(self):
+    def need(ok, message):
+      if not ok:
+        raise ValueError(message)
+    need(self.dim % self.num_heads == 0,
+         f"dim={self.dim} must be a multiple of num_heads={self.num_heads}")
+    need(self.head_dim % 4 == 0,
+         f"head_dim={self.head_dim} must be a multiple of 4 (2D rotary embedding)")
+    need(self.group_size >= 1, f"group_size={self.group_size} must be >= 1")
+    need(self.block_size % self.group_size == 0,
+         f"block_size={self.block_size} must be a multiple of group_size={self.group_size}")
+    need(self.causal_num > 0 and self.causal_num % self.group_size == 0,
+         f"causal_num={self.causal_num} must be a positive multiple of group_size={self.group_size}")
+    need(self.causal_num < self.block_size,
+         f"causal_num={self.causal_num} must be < block_size={self.block_size}")
+    need(self.cls_token_num == 1,
+         f"cls_token_num={self.cls_token_num}: the class-conditional model uses one class token")
+    need(self.dtype in ("float32", "bfloat16", "float16"),
+         f"dtype={self.dtype!r} must be one of 'float32', 'bfloat16', 'float16'")
+
+  @property
+  def head_dim(self):
+    return self.dim // self.num_heads
+
+  @property
+  def ffn_hidden(self):
+    return self.ffn_dim or ffn_hidden_size(self.dim)
+
+  @property
+  def num_class_rows(self):
+    # The official LabelEmbedder adds the null-class row only when label dropout is on.
+    return self.num_classes + int(self.class_dropout_prob > 0)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_dict(cls, d):
+    """From a dict / ConfigDict; unknown keys raise ValueError naming them."""
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown GPTConfig keys {unknown}; valid keys: {sorted(known)}")
+    return cls(**d)
+
+  def to_dict(self):
+    return dataclasses.asdict(self)
+
+
+def gpt_model_config(size, **overrides):
+  """GPTConfig of a LlamaGen size ('B', 'L', 'XL', 'XXL') for DetailFlow-16 (N=128, g=c=8)."""
+  key = size.upper().removeprefix("GPT-")
+  if key not in GPT_SIZES:
+    raise ValueError(f"size={size!r} is not one of {sorted(GPT_SIZES)}")
+  layers, dim, heads = GPT_SIZES[key]
+  return GPTConfig(num_layers=layers, dim=dim, num_heads=heads, **overrides)
+
+
+def sequence_length(num_codes, config):
+  """Length of the model sequence holding class token + `num_codes` codes (+ specials)."""
+  extra = config.group_size if num_codes >= config.causal_num else 1
+  return num_codes + extra
+
+
+@functools.lru_cache(maxsize=None)
+def rotary_table(block_size, group_size, head_dim, base=10000.0):
+  """The official 2D rotary table `freqs_cis`: (block_size + 1, head_dim // 2, 2) float32.
+
+  [p, i, 0] = cos, [p, i, 1] = sin. Row 0 (class token) is all zero, which zeroes the class
+  token's query and key (LlamaGen quirk the trained weights depend on). Row p >= 1 is grid cell
+  ((p - 1) // g, (p - 1) % g): the first head_dim/4 pairs rotate by the row, the rest by the column.
+  """
+  quarter = head_dim // 4
+  # float32 throughout, as torch computes it, so the table matches the official bit for bit.
+  exponents = np.arange(0, head_dim // 2, 2, dtype=np.float32)[:quarter] / np.float32(head_dim // 2)
+  inv_freq = (np.float32(1.0) / (np.float32(base) ** exponents)).astype(np.float32)
+  cell = np.arange(block_size)
+  rows = (cell // group_size).astype(np.float32)
+  cols = (cell % group_size).astype(np.float32)
+  angles = np.concatenate([np.outer(rows, inv_freq), np.outer(cols, inv_freq)], axis=-1)
+  angles = angles.astype(np.float32)
+  table = np.stack([np.cos(angles), np.sin(angles)], axis=-1).astype(np.float32)
+  return np.concatenate([np.zeros((1, head_dim // 2, 2), np.float32), table])
+
+
+def apply_rotary(x, table):
+  """Rotates adjacent pairs (x[2i], x[2i+1]) of x (B, L, H, D) by table (L, D/2, 2), in float32."""
+  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  cos = table[None, :, None, :, 0]
+  sin = table[None, :, None, :, 1]
+  even, odd = pairs[..., 0], pairs[..., 1]
+  rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+  return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def masked_attention(q, k, v, mask):
+  """softmax(q k^T / sqrt(d)) v over heads. q (B, Q, H, D), k/v (B, K, H, D), mask (Q, K) bool."""
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _dense(features, names, dtype, init=nn.initializers.normal(0.02)):
+  return nn.Dense(features, use_bias=False, dtype=dtype,
+                  kernel_init=nn.with_logical_partitioning(init, names))
+
+
+def _embed(rows, dim, names, dtype, init=nn.initializers.normal(0.02)):
+  return nn.Embed(rows, dim, dtype=dtype, embedding_init=nn.with_logical_partitioning(init, names))
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed.astype(self.dtype) * scale).astype(self.dtype)
+
+
+class Attention(nn.Module):
+  config: GPTConfig
+
+  def setup(self):
+    c = self.config
+    self.wqkv = _dense(3 * c.dim, ("embed", "qkv"), c.compute_dtype)
+    self.wo = _dense(c.dim, ("heads", "embed"), c.compute_dtype)
+    self.resid_dropout = nn.Dropout(c.resid_dropout)
+
+  def _project(self, x, rope):
+    c = self.config
+    q, k, v = jnp.split(self.wqkv(x), 3, axis=-1)
+    heads = lambda t: t.reshape(*x.shape[:2], c.num_heads, c.head_dim)
+    return apply_rotary(heads(q), rope), apply_rotary(heads(k), rope), heads(v)
+
+  def _output(self, attended, deterministic):
+    out = self.wo(attended.reshape(*attended.shape[:2], self.config.dim))
+    return self.resid_dropout(out, deterministic=deterministic)
+
+  def __call__(self, x, rope, mask, deterministic):
+    q, k, v = self._project(x, rope)
+    return self._output(masked_attention(q, k, v, mask), deterministic)
+
+  def extend(self, x, rope, start, cache_k, cache_v):
+    """Attention of q new positions (start..start+q-1) that see every cached position < start
+    and each other, which is what the group-causal mask allows for the blocks the sampler feeds
+    (one token in the causal region, one whole group after it). Returns out, new cache k/v."""
+    q, k, v = self._project(x, rope)
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
+    visible = jnp.arange(cache_k.shape[1]) < start + x.shape[1]
+    attended = masked_attention(q, cache_k, cache_v, visible[None, :])
+    return self._output(attended, True), cache_k, cache_v
+
+
+class FeedForward(nn.Module):
+  """SwiGLU: w2(silu(w1 x) * w3 x), names as the official module."""
+  config: GPTConfig
+
+  def setup(self):
+    c = self.config
+    self.w1 = _dense(c.ffn_hidden, ("embed", "mlp"), c.compute_dtype)
+    self.w3 = _dense(c.ffn_hidden, ("embed", "mlp"), c.compute_dtype)
+    self.w2 = _dense(c.dim, ("mlp", "embed"), c.compute_dtype)
+    self.ffn_dropout = nn.Dropout(c.ffn_dropout)
+
+  def __call__(self, x, deterministic):
+    out = self.w2(nn.silu(self.w1(x)) * self.w3(x))
+    return self.ffn_dropout(out, deterministic=deterministic)
+
+
+class GPTBlock(nn.Module):
+  """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+  config: GPTConfig
+
+  def setup(self):
+    c = self.config
+    self.attention_norm = RMSNorm(c.norm_eps, c.compute_dtype)
+    self.attention = Attention(c)
+    self.ffn_norm = RMSNorm(c.norm_eps, c.compute_dtype)
+    self.feed_forward = FeedForward(c)
+
+  def __call__(self, x, rope, mask, deterministic):
+    h = x + self.attention(self.attention_norm(x), rope, mask, deterministic)
+    return h + self.feed_forward(self.ffn_norm(h), deterministic)
+
+  def extend(self, x, rope, start, cache_k, cache_v):
+    attended, cache_k, cache_v = self.attention.extend(
+        self.attention_norm(x), rope, start, cache_k, cache_v)
+    h = x + attended
+    return h + self.feed_forward(self.ffn_norm(h), True), cache_k, cache_v
+
+
+class GPT(nn.Module):
+  """The official `Transformer` (model_type c2i). See the module docstring for the layout."""
+  config: GPTConfig
+
+  def setup(self):
+    c = self.config
+    dt = c.compute_dtype
+    self.cls_embedding = _embed(c.num_class_rows, c.dim, ("classes", "embed"), dt)
+    self.tok_embeddings = _embed(c.vocab_size, c.dim, ("vocab", "embed"), dt)
+    # The official special embeddings are created after its weight init, so they keep
+    # torch's default N(0, 1).
+    self.spe_tok_embeddings = _embed(c.group_size - 1, c.dim, ("special", "embed"), dt,
+                                     nn.initializers.normal(1.0))
+    self.token_dropout = nn.Dropout(c.token_dropout)
+    self.layers = [GPTBlock(c, name=f"layers_{i}") for i in range(c.num_layers)]
+    self.norm = RMSNorm(c.norm_eps, dt)
+    # Zero-initialised head, as the official initialize_weights.
+    self.output = _dense(c.vocab_size, ("embed", "vocab"), dt, nn.initializers.zeros)
+
+  def embed_classes(self, labels):
+    """(B,) int labels -> (B, 1, dim); label num_classes is the null (unconditional) class."""
+    return self.cls_embedding(labels)[:, None]
+
+  def embed_codes(self, codes):
+    return self.tok_embeddings(codes)
+
+  def special_embeddings(self):
+    """(g - 1, dim): the learned tokens inserted after the first causal_num codes."""
+    return self.spe_tok_embeddings.embedding.astype(self.config.compute_dtype)
+
+  def logits(self, h):
+    return self.output(self.norm(h)).astype(jnp.float32)
+
+  def __call__(self, codes, labels, train=False):
+    """Training-path forward. codes (B, n) int, labels (B,) int -> logits (B, L, V) float32,
+    L = sequence_length(n); logits[:, k] predict code k. With train=True, dropout and label
+    dropout use the 'dropout' rng."""
+    c = self.config
+    if train and c.class_dropout_prob > 0:
+      drop = jax.random.bernoulli(self.make_rng("dropout"), c.class_dropout_prob, labels.shape)
+      labels = jnp.where(drop, c.num_classes, labels)
+    cls = self.embed_classes(labels)
+    tokens = self.embed_codes(codes)
+    n = codes.shape[1]
+    if n >= c.causal_num:
+      special = jnp.broadcast_to(self.special_embeddings()[None], (codes.shape[0], c.group_size - 1, c.dim))
+      parts = [cls, tokens[:, :c.causal_num], special, tokens[:, c.causal_num:]]
+    else:
+      parts = [cls, tokens]
+    h = self.token_dropout(jnp.concatenate(parts, axis=1), deterministic=not train)
+    length = h.shape[1]
+    if length > c.block_size:
+      raise ValueError(f"codes has {n} codes, giving a sequence of {length} > block_size="
+                       f"{c.block_size}; feed at most {c.block_size - c.group_size} codes")
+    rope = jnp.asarray(rotary_table(c.block_size, c.group_size, c.head_dim, c.rope_base)[:length])
+    mask = jnp.asarray(detail.gpt_attention_mask(length, c.group_size, c.causal_num))
+    for layer in self.layers:
+      h = layer(h, rope, mask, not train)
+    return self.logits(h)
+
+  def decode_step(self, embeddings, start, cache):
+    """Runs q new positions start..start+q-1 (embeddings (B, q, dim)) against `cache`.
+
+    `cache` is {'k': [...], 'v': [...]}, one (B, S, H, head_dim) buffer per layer, holding the
+    keys/values of positions < start (see sampling.init_kv_cache). The new keys/values are
+    written at `start` and every new position attends to all positions < start + q: valid for
+    a single token in the causal region or for one whole group. Returns (logits (B, q, V)
+    float32, updated cache)."""
+    c = self.config
+    table = jnp.asarray(rotary_table(c.block_size, c.group_size, c.head_dim, c.rope_base))
+    rope = jax.lax.dynamic_slice_in_dim(table, start, embeddings.shape[1], axis=0)
+    h = embeddings.astype(c.compute_dtype)
+    new_k, new_v = [], []
+    for layer, k, v in zip(self.layers, cache["k"], cache["v"]):
+      h, k, v = layer.extend(h, rope, start, k, v)
+      new_k.append(k)
+      new_v.append(v)
+    return self.logits(h), {"k": new_k, "v": new_v}
+
+
+def next_code_loss(logits, targets, valid=None):
+  """Official training loss: mean cross-entropy of logits (B, N, V) against targets (B, N);
+  with `valid` (B,) only valid samples count (sum over valid positions / their count)."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  if valid is None:
+    return nll.mean()
+  weights = jnp.broadcast_to(valid.astype(jnp.float32)[:, None], nll.shape)
+  return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def init_params(config, rng):
+  """Freshly initialised parameters (plain arrays) as the official init: N(0, 0.02) linears and
+  embeddings, zero output head, unit norms, N(0, 1) special tokens."""
+  model = GPT(config)
+  codes = jnp.zeros((1, config.block_size - config.group_size), jnp.int32)
+  variables = jax.jit(model.init)(rng, codes, jnp.zeros((1,), jnp.int32))
+  return nn.unbox(variables["params"])
+
+
+def param_logical_axes(config):
+  """Pytree (same structure as the params) of PartitionSpecs of logical axis names:
+  embed, qkv, heads, mlp, vocab, classes, special, norm. Map them with nn.logical_to_mesh."""
+  model = GPT(config)
+  codes = jnp.zeros((1, config.block_size - config.group_size), jnp.int32)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), codes, jnp.zeros((1,), jnp.int32))
+  return nn.get_partition_spec(abstract["params"])

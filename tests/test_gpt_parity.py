@@ -1,0 +1,115 @@
+"""GPT parity with the official Transformer and generate_group_par (parity fixtures gpt_a/gpt_b)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import max_relative_error
+from detailflow_jax import detail, sampling
+from detailflow_jax.interop import gpt_state_dict
+from detailflow_jax.models import gpt
+
+
+@pytest.fixture(scope="module")
+def loaded(parity_gpt):
+  """(config, params, io) of one parity case."""
+  args = gpt_state_dict.gpt_config_from_official_args(parity_gpt.config["reference_model_args"])
+  config = gpt.GPTConfig.from_dict(args)
+  params = gpt_state_dict.gpt_params_from_state_dict(parity_gpt.state_dict, config)
+  return config, params, parity_gpt.io
+
+
+@pytest.fixture(scope="module")
+def forward(loaded):
+  config, params, _ = loaded
+  return jax.jit(lambda codes, labels: gpt.GPT(config).apply({"params": params}, codes, labels))
+
+
+@pytest.mark.parametrize("case", ["train", "short", "mid"])
+def test_training_path_logits(loaded, forward, case):
+  _, _, io = loaded
+  logits = forward(jnp.asarray(io[f"{case}_idx"]), jnp.asarray(io["train_labels"]))
+  assert logits.shape == io[f"{case}_logits"].shape
+  assert max_relative_error(logits, io[f"{case}_logits"]) <= 1e-4
+
+
+def test_train_loss(loaded, forward):
+  _, _, io = loaded
+  logits = forward(jnp.asarray(io["train_idx"]), jnp.asarray(io["train_labels"]))
+  loss = gpt.next_code_loss(logits, jnp.asarray(io["train_targets"]))
+  assert abs(float(loss) - float(io["train_loss"])) <= 1e-4 * abs(float(io["train_loss"]))
+
+
+def test_mask_and_rotary_tables(loaded):
+  config, _, io = loaded
+  mask = detail.gpt_attention_mask(config.block_size, config.group_size, config.causal_num)
+  np.testing.assert_array_equal(mask, io["group_causal_mask"])
+  table = gpt.rotary_table(config.block_size, config.group_size, config.head_dim, config.rope_base)
+  assert table.shape == io["freqs_cis"].shape
+  np.testing.assert_allclose(table, io["freqs_cis"], rtol=0, atol=1e-6)
+
+
+def test_sequence_length_matches_reference_calls(loaded, parity_gpt):
+  config, _, _ = loaded
+  calls = parity_gpt.config["checks"]["greedy_call_seq_lengths"]
+  prefix_sizes = list(range(config.causal_num)) + list(
+      range(config.causal_num, config.block_size, config.group_size))
+  assert [gpt.sequence_length(n, config) for n in prefix_sizes] == calls
+
+
+def _greedy(loaded, cfg_scale, gradual):
+  config, params, io = loaded
+  return sampling.generate_codes_with_logits(
+      params, config, io["gen_labels"], rng=jax.random.PRNGKey(0), cfg_scale=cfg_scale,
+      top_k=1, gradual_cfg=gradual)
+
+
+def test_greedy_group_parallel_decoding(loaded):
+  _, _, io = loaded
+  codes, cond, uncond = _greedy(loaded, 1.5, False)
+  np.testing.assert_array_equal(np.asarray(codes), io["greedy_cfg1p5_tokens"])
+  assert max_relative_error(cond, io["greedy_cfg1p5_logits_cond"]) <= 1e-4
+  assert max_relative_error(uncond, io["greedy_cfg1p5_logits_uncond"]) <= 1e-4
+
+
+def test_greedy_gradual_cfg_decoding(loaded):
+  _, _, io = loaded
+  codes, _, _ = _greedy(loaded, 2.0, True)
+  np.testing.assert_array_equal(np.asarray(codes), io["greedy_gradualcfg2_tokens"])
+
+
+def test_gradual_scales_match_reference(loaded, parity_gpt):
+  config, _, _ = loaded
+  expected = parity_gpt.config["checks"]["gradualcfg_scales_per_position"]
+  scales = [2.0] * config.causal_num + [
+      sampling.gradual_cfg_scale(2.0, k // config.group_size, config)
+      for k in range(config.causal_num, config.block_size)]
+  np.testing.assert_allclose(scales, expected, rtol=1e-12)
+
+
+def test_state_dict_round_trip_is_exact(loaded, parity_gpt):
+  config, params, _ = loaded
+  exported = gpt_state_dict.gpt_state_dict_from_params(params, config)
+  assert set(exported) == set(parity_gpt.state_dict)
+  for key, value in parity_gpt.state_dict.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+def test_inferred_config_agrees(loaded, parity_gpt):
+  config, _, _ = loaded
+  inferred = gpt_state_dict.infer_gpt_config(parity_gpt.state_dict)
+  for key, value in inferred.items():
+    assert getattr(config, key) == value, key
+
+
+def test_state_dict_errors_name_the_tensors(loaded, parity_gpt):
+  config, _, _ = loaded
+  sd = dict(parity_gpt.state_dict)
+  sd.pop("layers.1.ffn_norm.weight")
+  sd["layers.0.attention.wo.weight"] = sd["layers.0.attention.wo.weight"][:, :-1]
+  sd["freqs_cis"] = np.zeros(3)
+  with pytest.raises(ValueError) as info:
+    gpt_state_dict.gpt_params_from_state_dict(sd, config)
+  message = str(info.value)
+  for name in ("layers.1.ffn_norm.weight", "layers.0.attention.wo.weight", "freqs_cis"):
+    assert name in message

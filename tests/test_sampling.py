@@ -1,0 +1,143 @@
+"""The KV-cache group-parallel sampler against the training-path forward, and its API."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import max_relative_error
+from detailflow_jax import kv_cache, sampling
+from detailflow_jax.models import gpt
+
+CONFIG = gpt.GPTConfig(vocab_size=64, num_layers=2, dim=32, num_heads=2, num_classes=10,
+                       block_size=32, group_size=4, causal_num=4)
+LABELS = np.array([3, 0, 9], np.int32)
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = gpt.init_params(CONFIG, jax.random.PRNGKey(0))
+  # The official init zeroes the head; give it weights so the logits carry information.
+  p["output"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), p["output"]["kernel"].shape)
+  return p
+
+
+def _keys(seed, n=len(LABELS)):
+  return jax.random.split(jax.random.PRNGKey(seed), n)
+
+
+@pytest.fixture(scope="module")
+def guided_run(params):
+  """One sampled decode with guidance, recording the logits behind every code."""
+  return sampling.generate_codes_with_logits(params, CONFIG, LABELS, rng=_keys(0), cfg_scale=1.5)
+
+
+def test_token_counts():
+  assert sampling.decodable_token_counts(CONFIG) == [1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32]
+  assert sampling.decodable_token_counts(gpt.gpt_model_config("B"))[-3:] == [112, 120, 128]
+
+
+@pytest.fixture(scope="module")
+def forward(params):
+  return jax.jit(lambda codes, labels: gpt.GPT(CONFIG).apply({"params": params}, codes, labels))
+
+
+def test_cached_logits_equal_prefix_recomputation(guided_run, forward):
+  """Every step: the logits the cache-based step produced == the training forward run on the
+  whole prefix, as the official sampler does (both halves of the guidance batch)."""
+  codes, cond, uncond = map(np.asarray, guided_run)
+  recorded = np.concatenate([cond, uncond])
+  labels = jnp.asarray(np.concatenate([LABELS, np.full_like(LABELS, CONFIG.num_classes)]))
+  c, g = CONFIG.causal_num, CONFIG.group_size
+  steps = [(k, 1) for k in range(c)] + [(k, g) for k in range(c, CONFIG.block_size, g)]
+  assert len(steps) == 11
+  for first, count in steps:
+    prefix = jnp.asarray(np.concatenate([codes[:, :first]] * 2))
+    predicted = np.asarray(forward(prefix, labels))[:, -count:]
+    assert max_relative_error(recorded[:, first:first + count], predicted) <= 1e-5, first
+
+
+def _again(params, rng, **kw):
+  """A guided decode that reuses the compiled program of `guided_run` (same static settings)."""
+  return sampling.generate_codes_with_logits(params, CONFIG, kw.pop("labels", LABELS), rng=rng,
+                                             cfg_scale=1.5, **kw)[0]
+
+
+def test_same_key_same_samples(params, guided_run):
+  np.testing.assert_array_equal(np.asarray(_again(params, _keys(0))), np.asarray(guided_run[0]))
+  assert not np.array_equal(np.asarray(_again(params, _keys(1))), np.asarray(guided_run[0]))
+
+
+def test_rows_are_independent_and_shorter_decodes_are_prefixes(params, guided_run):
+  keys = _keys(0)
+  for i in range(len(LABELS)):
+    alone = _again(params, keys[i:i + 1], labels=LABELS[i:i + 1], num_tokens=8)
+    assert alone.shape == (1, 8)
+    np.testing.assert_array_equal(np.asarray(alone)[0], np.asarray(guided_run[0])[i, :8])
+  # Stopping inside the causal region (a program without the group phase).
+  short = sampling.generate_codes(params, CONFIG, LABELS, rng=_keys(0), cfg_scale=1.5, num_tokens=3)
+  np.testing.assert_array_equal(np.asarray(short), np.asarray(guided_run[0])[:, :3])
+
+
+def test_unguided_decode_matches_training_forward(params, forward):
+  codes, cond, uncond = sampling.generate_codes_with_logits(
+      params, CONFIG, LABELS, rng=_keys(2), cfg_scale=1.0, temperature=0.7)
+  assert codes.dtype == jnp.int32 and codes.shape == (3, CONFIG.block_size)
+  np.testing.assert_array_equal(np.asarray(cond), np.asarray(uncond))
+  # The mask lets one teacher-forced forward give every decision's logits at once.
+  full = forward(codes[:, :-CONFIG.group_size], jnp.asarray(LABELS))
+  assert max_relative_error(cond, full) <= 1e-5
+
+
+@pytest.mark.parametrize("labels", [[0, 10], [-1], [2, 11, 5]])
+def test_bad_labels_raise(params, labels):
+  with pytest.raises(ValueError, match=r"valid range \[0, 10\)"):
+    sampling.generate_codes(params, CONFIG, np.array(labels), rng=jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("num_tokens", [0, 5, 9, 33])
+def test_bad_token_counts_raise(params, num_tokens):
+  with pytest.raises(ValueError, match=r"valid: \[1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32\]"):
+    sampling.generate_codes(params, CONFIG, LABELS, rng=jax.random.PRNGKey(0), num_tokens=num_tokens)
+
+
+def test_bad_sampling_settings_raise(params):
+  with pytest.raises(ValueError, match="top_k"):
+    sampling.generate_codes(params, CONFIG, LABELS, rng=jax.random.PRNGKey(0), top_k=65)
+  with pytest.raises(ValueError, match="top_p"):
+    sampling.generate_codes(params, CONFIG, LABELS, rng=jax.random.PRNGKey(0), top_p=0.0)
+  with pytest.raises(ValueError, match="one key per label"):
+    sampling.generate_codes(params, CONFIG, LABELS, rng=_keys(0, 2))
+
+
+def test_filter_logits_top_k_and_top_p():
+  logits = jnp.log(jnp.array([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.25, 0.25]]))
+  top2 = np.isfinite(np.asarray(sampling.filter_logits(logits, 2)))
+  np.testing.assert_array_equal(top2, [[False, True, False, True], [True, True, True, True]])
+  # Sorted masses 0.4, 0.3, 0.2, 0.1: mass before the 3rd is 0.7 > 0.6, so two survive.
+  nucleus = np.isfinite(np.asarray(sampling.filter_logits(logits[:1], 0, jnp.float32(0.6))))
+  np.testing.assert_array_equal(nucleus, [[False, True, False, True]])
+  # The most likely entry always survives, however small top_p.
+  tiny = np.isfinite(np.asarray(sampling.filter_logits(logits[:1], 0, jnp.float32(1e-6))))
+  np.testing.assert_array_equal(tiny, [[False, True, False, False]])
+
+
+def test_categorical_from_uniform_inverts_the_cdf():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 300)).astype(np.float32) * 2
+  logits[:, ::7] = -np.inf   # filtered entries must never be drawn
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  cdf = np.cumsum(probs, -1) / probs.sum(-1, keepdims=True)
+  uniforms = np.linspace(0.0, 1.0, 200, endpoint=False, dtype=np.float32)[7:13] + 0.0031
+  drawn = np.asarray(sampling.categorical_from_uniform(jnp.asarray(logits), jnp.asarray(uniforms), 16))
+  expected = [np.searchsorted(cdf[i], uniforms[i], side="right") for i in range(6)]
+  np.testing.assert_array_equal(drawn, expected)
+  edges = np.asarray(sampling.categorical_from_uniform(
+      jnp.asarray(logits), jnp.asarray(np.array([0.0, 0.0, 0.9999999, 0.9999999, 0.5, 0.5], np.float32)), 16))
+  assert np.all(np.isfinite(logits[np.arange(6), edges]))
+
+
+def test_kv_cache_layout():
+  cache = kv_cache.init_kv_cache(CONFIG, 5, 8)
+  assert len(cache["k"]) == CONFIG.num_layers and cache["v"][0].shape == (5, 8, 2, 16)
+  grown = kv_cache.grow_kv_cache(cache, 32)
+  assert kv_cache.cache_length(grown) == 32
