@@ -46,12 +46,16 @@ def get_config(arg=None):
   c.optim.warmup_steps = 100
   c.optim.disc_learning_rate = 1e-4
 
-  if arg == "smoke":  # seconds-long run for tests
+  if arg == "smoke":  # seconds-long run for tests: MSE + VQ only, a smaller model
     c.train.num_steps = 4
     c.train.log_every = 2
     c.train.checkpoint_every = 2
     c.train.image_every = 0
     c.data.batch_size = 8
-    c.loss.lpips_warmup_steps = 2
-    c.loss.gan_start_step = 2
+    c.data.degrade_prob = 0.0
+    c.loss.lpips_weight = 0.0
+    c.loss.gan_weight = 0.0
+    t.encoder = defaults.vit_config(32, 1, 2, 64, 4, 8)
+    t.decoder = defaults.vit_config(32, 1, 2, 64, 4, 8)
+    t.codebook_size = 64
   return c

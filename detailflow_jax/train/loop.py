@@ -93,7 +93,9 @@ def run(*, workdir, state, abstract_state, step_fn, data_iterator, num_steps,
       if step % log_every == 0 or step == num_steps:
         host = jax.device_get(pending)
         pending = []
-        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+        # Metric sets differ between step variants (e.g. GAN terms appear at gan_start_step).
+        keys = sorted({k for m in host for k in m})
+        scalars = {k: float(np.mean([m[k] for m in host if k in m])) for k in keys}
         if not all(np.isfinite(v) for k, v in scalars.items() if "loss" in k):
           raise NonFiniteLossError(
               f"non-finite loss at step {step}: {scalars}. Training stopped; the last good "

@@ -50,7 +50,8 @@ class TokenizerObjective:
     self.loss = config.loss
     self.model = tokenizer_model.DetailFlowTokenizer(
         config.tokenizer, dtype=compute_dtype(config.train.compute_dtype))
-    self.lpips_params, self.lpips_fn = perceptual.make_lpips()
+    self.lpips_params, self.lpips_fn = (
+        perceptual.make_lpips() if self.loss.lpips_weight else (None, None))
     self.siglip = None
     if self.loss.align_weight:
       from detailflow_jax.models import siglip2  # pylint: disable=g-import-not-at-top
@@ -97,13 +98,16 @@ class TokenizerObjective:
     if use_correction:
       target = jnp.concatenate([target, target], axis=0)
     mse = jnp.mean(jnp.square(recon - target))
-    lpips = jnp.mean(self.lpips_fn(self.lpips_params, recon, target))
-    lpips_weight = gan.warmup_weight(loss_cfg.lpips_weight, step, loss_cfg.lpips_warmup_steps)
-    total = (loss_cfg.mse_weight * mse + lpips_weight * lpips
+    total = (loss_cfg.mse_weight * mse
              + loss_cfg.vq_weight * (out["vq_loss"] + out["commit_loss"]))
-    metrics = dict(mse_loss=mse, lpips_loss=lpips, vq_loss=out["vq_loss"],
+    metrics = dict(mse_loss=mse, vq_loss=out["vq_loss"],
                    commit_loss=out["commit_loss"], codebook_usage=out["codebook_usage"],
                    perplexity=out["perplexity"])
+    if loss_cfg.lpips_weight:
+      lpips = jnp.mean(self.lpips_fn(self.lpips_params, recon, target))
+      total = total + gan.warmup_weight(
+          loss_cfg.lpips_weight, step, loss_cfg.lpips_warmup_steps) * lpips
+      metrics["lpips_loss"] = lpips
     disc_state = state.disc_state
     if gan_active:
       g_term, aux = adversarial.generator_adversarial_loss(
