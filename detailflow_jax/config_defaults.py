@@ -118,3 +118,61 @@ def tokenizer_training_config():
   c.train = train_config()
   c.mesh = mesh_config()
   return c
+
+
+def gpt_config(size="L"):
+  """GPT fields (GPTConfig of detailflow_jax.models.gpt) for DetailFlow-16 with a LlamaGen size."""
+  layers, dim, heads = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (36, 1280, 20),
+                        "XXL": (48, 1536, 24)}[size]
+  return ml_collections.ConfigDict(dict(
+      vocab_size=8192, num_layers=layers, dim=dim, num_heads=heads, num_classes=1000,
+      block_size=128, group_size=8, causal_num=8, cls_token_num=1, ffn_dim=0, norm_eps=1e-5,
+      rope_base=10000.0, token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1,
+      class_dropout_prob=0.1, dtype="float32"))
+
+
+def extract_config():
+  """Code extraction: encode a dataset with a trained tokenizer (job=extract_codes)."""
+  c = ml_collections.ConfigDict()
+  c.tokenizer_workdir = ""     # workdir of a trained tokenizer (or an imported official one)
+  c.use_ema = False
+  c.flips = True               # also store the horizontally flipped image's codes
+  c.ten_crop = False           # the reference's TenCrop (crop 281 -> 256, with flips)
+  c.ten_crop_size = 281
+  c.batch_size = 256
+  c.split = "train"
+  return c
+
+
+def ar_optim_config():
+  c = ml_collections.ConfigDict()
+  c.learning_rate = 1e-4
+  c.scale_lr_by_batch = False
+  c.weight_decay = 0.05        # matrices only
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.warmup_fraction = 0.05
+  c.warmup_steps = 0           # used only when warmup_fraction is None
+  c.final_lr_fraction = 0.01   # cosine down to 0.01 x peak
+  c.grad_clip = 1.0
+  return c
+
+
+def ar_training_config(size="L"):
+  """Everything `job=train_ar` reads, with the reference's values."""
+  c = ml_collections.ConfigDict()
+  c.job = "train_ar"
+  c.seed = 0
+  c.gpt = gpt_config(size)
+  c.data = data_config()
+  c.data.source = "codes"
+  c.data.codes_dir = ""        # output folder of the extract_codes job
+  c.data.correction_prob = 0.3 # use the self-correction sequence for 30% of samples
+  c.extract = extract_config()
+  c.optim = ar_optim_config()
+  c.train = train_config()
+  c.train.num_steps = 300 * 5004 // 2   # 300 epochs at batch 512 (DetailFlow-16/32)
+  c.train.ema_decay = 0.9999
+  c.train.checkpoint_every = 5_000
+  c.mesh = mesh_config()
+  return c

@@ -61,7 +61,7 @@ class PreemptionFlag:
 
 def run(*, workdir, state, abstract_state, step_fn, data_iterator, num_steps,
         log_every, checkpoint_every, keep_checkpoints, hooks=(), metric_prefix="train",
-        step_of=lambda s: s.step):
+        step_of=lambda s: s.step, on_metrics=None):
   """Trains until `num_steps`, resuming from WORKDIR/checkpoints if present. Returns state."""
   checkpointer = checkpoints.Checkpointer(workdir, keep=keep_checkpoints)
   restored, data_state = checkpointer.restore(abstract_state)
@@ -100,6 +100,8 @@ def run(*, workdir, state, abstract_state, step_fn, data_iterator, num_steps,
           raise NonFiniteLossError(
               f"non-finite loss at step {step}: {scalars}. Training stopped; the last good "
               f"checkpoint (step {last_good_step}) in {checkpointer.directory} is intact.")
+        if on_metrics is not None:
+          on_metrics(dict(scalars, step=step))
         rate = progress(step, scalars)
         scalars["steps_per_sec"] = rate
         writer.write_scalars(step, {f"{metric_prefix}/{k}": v for k, v in scalars.items()})

@@ -41,8 +41,8 @@ def make_step_fn(objective, state_shardings, mesh):
   return step
 
 
-def train_and_evaluate(config, workdir):
-  """The `train_tokenizer` job."""
+def train_and_evaluate(config, workdir, on_metrics=None):
+  """The `train_tokenizer` job. `on_metrics(dict)` receives each logged set of scalars."""
   mesh = sharding.build_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
   schedule = detail.ResolutionSchedule.from_config(config.tokenizer)
@@ -60,7 +60,7 @@ def train_and_evaluate(config, workdir):
       step_fn=make_step_fn(objective, shardings_, mesh), data_iterator=data,
       num_steps=config.train.num_steps, log_every=config.train.log_every,
       checkpoint_every=config.train.checkpoint_every,
-      keep_checkpoints=config.train.keep_checkpoints, hooks=hooks)
+      keep_checkpoints=config.train.keep_checkpoints, hooks=hooks, on_metrics=on_metrics)
   if jax.process_index() == 0:
     visuals(int(jax.device_get(state.step)), state)
   return state
