@@ -39,6 +39,23 @@ def gradual_cfg_scale(cfg_scale, group_index, config):
   return cfg_scale * (groups - group_index + 1) / (groups + 1)
 
 
+def group_segments(config, num_tokens, min_window=32):
+  """Splits the group steps into runs that share a cache length: [(first_group, end_group,
+  cache_length)]. Step j fills positions up to (j + 1) * g, so early steps attend over a short
+  cache (the next power of two, at least `min_window`) and the cache grows between runs. Each
+  run is one more copy of the step in the compiled program, hence powers of two."""
+  g = config.group_size
+  segments = []
+  for j in range(config.causal_num // g, num_tokens // g):
+    needed = (j + 1) * g
+    window = min(num_tokens, max(min_window, 1 << (needed - 1).bit_length()))
+    if segments and segments[-1][2] == window:
+      segments[-1][1] = j + 1
+    else:
+      segments.append([j, j + 1, window])
+  return [tuple(s) for s in segments]
+
+
 @flax.struct.dataclass
 class DecodeState:
   """Carried through the decoding loops."""
@@ -229,8 +246,9 @@ def _decode(params, labels, keys, cfg_scale, temperature, top_p, gradual, *, con
     scale = jnp.where(gradual, gradual_cfg_scale(cfg_scale, j, c), cfg_scale)
     return sample_block(state.replace(cache=cache), logits, scale, j * g)
 
-  state = state.replace(cache=kv_cache.grow_kv_cache(state.cache, num_tokens))
-  state = jax.lax.fori_loop(first_group, num_tokens // g, group_step, state)
+  for first, end, window in group_segments(c, num_tokens):
+    state = state.replace(cache=kv_cache.grow_kv_cache(state.cache, window))
+    state = jax.lax.fori_loop(first, end, group_step, state)
   return state.codes, state.logits_cond, state.logits_uncond
 
 

@@ -1,14 +1,24 @@
 """GPT parity with the official Transformer and generate_group_par (parity fixtures gpt_a/gpt_b)."""
+import dataclasses
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import max_relative_error
+from conftest import REPO_ROOT, max_relative_error
 from detailflow_jax import detail, sampling
 from detailflow_jax.interop import gpt_state_dict
 from detailflow_jax.models import gpt
 
+
+
+@pytest.fixture(scope="module", autouse=True)
+def full_float32_matmuls():
+  """Exact float32 matmuls on accelerators too (their default may use reduced precision)."""
+  with jax.default_matmul_precision("highest"):
+    yield
 
 @pytest.fixture(scope="module")
 def loaded(parity_gpt):
@@ -113,3 +123,17 @@ def test_state_dict_errors_name_the_tensors(loaded, parity_gpt):
   message = str(info.value)
   for name in ("layers.1.ffn_norm.weight", "layers.0.attention.wo.weight", "freqs_cis"):
     assert name in message
+
+
+@pytest.mark.parametrize("size", ["B", "L", "XL", "XXL"])
+def test_size_configs(size):
+  """configs/ar_<size>.py builds the LlamaGen size with the official SwiGLU width."""
+  spec = importlib.util.spec_from_file_location("ar_config", REPO_ROOT / "configs" / f"ar_{size.lower()}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = gpt.GPTConfig.from_dict(module.get_config().gpt)
+  assert dataclasses.replace(config, dtype="float32") == gpt.gpt_model_config(size)
+  widths = {"B": 2048, "L": 2816, "XL": 3584, "XXL": 4096}
+  assert (config.ffn_hidden, config.block_size, config.group_size, config.causal_num) == (
+      widths[size], 128, 8, 8)
+  assert gpt.GPTConfig.from_dict(module.get_config("256").gpt).block_size == 256

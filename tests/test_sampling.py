@@ -13,6 +13,13 @@ CONFIG = gpt.GPTConfig(vocab_size=64, num_layers=2, dim=32, num_heads=2, num_cla
 LABELS = np.array([3, 0, 9], np.int32)
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def full_float32_matmuls():
+  """Exact float32 matmuls on accelerators too (their default may use reduced precision)."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
 @pytest.fixture(scope="module")
 def params():
   p = gpt.init_params(CONFIG, jax.random.PRNGKey(0))
@@ -138,6 +145,6 @@ def test_categorical_from_uniform_inverts_the_cdf():
 
 def test_kv_cache_layout():
   cache = kv_cache.init_kv_cache(CONFIG, 5, 8)
-  assert len(cache["k"]) == CONFIG.num_layers and cache["v"][0].shape == (5, 8, 2, 16)
+  assert len(cache["k"]) == CONFIG.num_layers and cache["v"][0].shape == (5, 2, 8, 16)
   grown = kv_cache.grow_kv_cache(cache, 32)
   assert kv_cache.cache_length(grown) == 32

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 
-from detailflow_jax.models.gpt import GPTConfig, ffn_hidden_size
+from detailflow_jax.models.gpt_config import GPTConfig, ffn_hidden_size
 
 # Wrapper prefixes added by DDP / torch.compile; stripped on import.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")

@@ -15,7 +15,6 @@ Two entry points share every weight:
   * `decode_step(embeddings, start, cache)`: a block of q new positions against a KV cache,
     used by the sampler (sampling.py); it gives the same logits as `__call__` on the prefix.
 """
-import dataclasses
 import functools
 from typing import Any
 
@@ -25,103 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from detailflow_jax import detail
-
-# LlamaGen sizes: (num_layers, dim, num_heads).
-GPT_SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (36, 1280, 20), "XXL": (48, 1536, 24)}
-
-
-def ffn_hidden_size(dim, multiple_of=256):
-  """SwiGLU width of the official FeedForward: int(2 * 4 * dim / 3) rounded up to `multiple_of`."""
-  hidden = int(2 * (4 * dim) / 3)
-  return -(-hidden // multiple_of) * multiple_of
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-  """Hyper-parameters of the GPT. Frozen (hashable) so it can be a static jit argument."""
-  vocab_size: int = 8192
-  num_layers: int = 12
-  dim: int = 768
-  num_heads: int = 12
-  num_classes: int = 1000
-  block_size: int = 128          # N, codes per image
-  group_size: int = 8            # g, codes predicted together
-  causal_num: int = 8            # c, leading codes predicted one at a time
-  cls_token_num: int = 1
-  ffn_dim: int = 0               # 0: the official SwiGLU rounding of the width
-  norm_eps: float = 1e-5
-  rope_base: float = 10000.0
-  token_dropout: float = 0.1     # on the input embeddings (official tok_dropout)
-  resid_dropout: float = 0.1     # after the attention output projection
-  ffn_dropout: float = 0.1       # after the SwiGLU output projection
-  class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
-  dtype: str = "float32"         # compute dtype; parameters stay float32
-
-  def __post_init__(self):
-    def need(ok, message):
-      if not ok:
-        raise ValueError(message)
-    need(self.dim % self.num_heads == 0,
-         f"dim={self.dim} must be a multiple of num_heads={self.num_heads}")
-    need(self.head_dim % 4 == 0,
-         f"head_dim={self.head_dim} must be a multiple of 4 (2D rotary embedding)")
-    need(self.group_size >= 1, f"group_size={self.group_size} must be >= 1")
-    need(self.block_size % self.group_size == 0,
-         f"block_size={self.block_size} must be a multiple of group_size={self.group_size}")
-    need(self.causal_num > 0 and self.causal_num % self.group_size == 0,
-         f"causal_num={self.causal_num} must be a positive multiple of group_size={self.group_size}")
-    need(self.causal_num < self.block_size,
-         f"causal_num={self.causal_num} must be < block_size={self.block_size}")
-    need(self.cls_token_num == 1,
-         f"cls_token_num={self.cls_token_num}: the class-conditional model uses one class token")
-    need(self.dtype in ("float32", "bfloat16", "float16"),
-         f"dtype={self.dtype!r} must be one of 'float32', 'bfloat16', 'float16'")
-
-  @property
-  def head_dim(self):
-    return self.dim // self.num_heads
-
-  @property
-  def ffn_hidden(self):
-    return self.ffn_dim or ffn_hidden_size(self.dim)
-
-  @property
-  def num_class_rows(self):
-    # The official LabelEmbedder adds the null-class row only when label dropout is on.
-    return self.num_classes + int(self.class_dropout_prob > 0)
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @classmethod
-  def from_dict(cls, d):
-    """From a dict / ConfigDict; unknown keys raise ValueError naming them."""
-    d = dict(d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"unknown GPTConfig keys {unknown}; valid keys: {sorted(known)}")
-    return cls(**d)
-
-  def to_dict(self):
-    return dataclasses.asdict(self)
-
-
-def gpt_model_config(size, **overrides):
-  """GPTConfig of a LlamaGen size ('B', 'L', 'XL', 'XXL') for DetailFlow-16 (N=128, g=c=8)."""
-  key = size.upper().removeprefix("GPT-")
-  if key not in GPT_SIZES:
-    raise ValueError(f"size={size!r} is not one of {sorted(GPT_SIZES)}")
-  layers, dim, heads = GPT_SIZES[key]
-  return GPTConfig(num_layers=layers, dim=dim, num_heads=heads, **overrides)
-
-
-def sequence_length(num_codes, config):
-  """Length of the model sequence holding class token + `num_codes` codes (+ specials)."""
-  extra = config.group_size if num_codes >= config.causal_num else 1
-  return num_codes + extra
-
+# Re-exported: the config is part of this module's public surface.
+from detailflow_jax.models.gpt_config import (  # noqa: F401
+    GPT_SIZES, GPTConfig, ffn_hidden_size, gpt_model_config, sequence_length)
 
 @functools.lru_cache(maxsize=None)
 def rotary_table(block_size, group_size, head_dim, base=10000.0):
@@ -155,12 +60,18 @@ def apply_rotary(x, table):
 
 
 def masked_attention(q, k, v, mask):
-  """softmax(q k^T / sqrt(d)) v over heads. q (B, Q, H, D), k/v (B, K, H, D), mask (Q, K) bool."""
+  """softmax(q k^T / sqrt(d)) v per head. q (B, Q, H, D); k, v (B, H, K, D) (heads before
+  positions: the layout of the KV cache, see kv_cache.py); mask (Q, K) bool, True = may attend.
+  Returns (B, Q, H, D)."""
   scale = 1.0 / np.sqrt(q.shape[-1])
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  return jnp.einsum("bhqk,bhkd->bqhd", weights, v)
+
+
+def _heads_first(x):
+  return x.transpose(0, 2, 1, 3)
 
 
 def _dense(features, names, dtype, init=nn.initializers.normal(0.02)):
@@ -206,16 +117,18 @@ class Attention(nn.Module):
 
   def __call__(self, x, rope, mask, deterministic):
     q, k, v = self._project(x, rope)
-    return self._output(masked_attention(q, k, v, mask), deterministic)
+    return self._output(masked_attention(q, _heads_first(k), _heads_first(v), mask), deterministic)
 
   def extend(self, x, rope, start, cache_k, cache_v):
     """Attention of q new positions (start..start+q-1) that see every cached position < start
     and each other, which is what the group-causal mask allows for the blocks the sampler feeds
-    (one token in the causal region, one whole group after it). Returns out, new cache k/v."""
+    (one token in the causal region, one whole group after it). cache_k/v: (B, H, S, D).
+    Returns out, updated cache k/v."""
     q, k, v = self._project(x, rope)
-    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
-    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
-    visible = jnp.arange(cache_k.shape[1]) < start + x.shape[1]
+    write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
+        cache, _heads_first(new).astype(cache.dtype), start, axis=2)
+    cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+    visible = jnp.arange(cache_k.shape[2]) < start + x.shape[1]
     attended = masked_attention(q, cache_k, cache_v, visible[None, :])
     return self._output(attended, True), cache_k, cache_v
 
@@ -321,7 +234,7 @@ class GPT(nn.Module):
   def decode_step(self, embeddings, start, cache):
     """Runs q new positions start..start+q-1 (embeddings (B, q, dim)) against `cache`.
 
-    `cache` is {'k': [...], 'v': [...]}, one (B, S, H, head_dim) buffer per layer, holding the
+    `cache` is {'k': [...], 'v': [...]}, one (B, H, S, head_dim) buffer per layer, holding the
     keys/values of positions < start (see sampling.init_kv_cache). The new keys/values are
     written at `start` and every new position attends to all positions < start + q: valid for
     a single token in the causal region or for one whole group. Returns (logits (B, q, V)

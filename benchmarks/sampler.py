@@ -1,0 +1,189 @@
+"""Throughput of the group-parallel GPT sampler on the local devices (codes only: the tokenizer
+decode is not included).
+
+Measures, in one run:
+  * the machine's float32 matmul rate at the sampler's shapes (rows x dim @ dim x 4*dim, jit);
+  * the KV-cache sampler (detailflow_jax.sampling.generate_codes) at each batch size:
+    compile time, median wall time over --repeats runs, images/s, analytic FLOPs per image
+    (with the cache and guidance), achieved GFLOP/s and its share of the matmul rate;
+  * a no-cache group sampler that re-runs the whole prefix at every step, as the official
+    generate_group_par does (same sampling code, one jitted forward per prefix length).
+
+  python benchmarks/sampler.py --size B --batches 1,8,32 --repeats 5 --nocache_batches 8
+
+Weights are random (the head too, so sampling sees non-uniform logits); speed does not depend
+on their values.
+"""
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from detailflow_jax import sampling
+from detailflow_jax.models import gpt
+
+
+def matmul_rate(rows, dim, repeats=5):
+  """GFLOP/s of a chain of jitted (rows x dim) @ (dim x 4 dim) float32 matmuls."""
+  k = jax.random.PRNGKey(0)
+  w_in = jax.random.normal(k, (dim, 4 * dim), jnp.float32) * 0.02
+  w_out = jax.random.normal(k, (4 * dim, dim), jnp.float32) * 0.02
+  x = jax.random.normal(k, (rows, dim), jnp.float32)
+  chain = 20
+
+  @jax.jit
+  def run(x, w_in, w_out):
+    return jax.lax.fori_loop(0, chain, lambda i, x: x + 1e-3 * ((x @ w_in) @ w_out), x)
+
+  jax.block_until_ready(run(x, w_in, w_out))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run(x, w_in, w_out))
+    times.append(time.perf_counter() - start)
+  return chain * 2 * (2 * rows * dim * 4 * dim) / np.median(times) / 1e9
+
+
+def linear_flops_per_position(c):
+  """Matmul FLOPs of one position through the blocks (without the head)."""
+  per_layer = c.dim * 3 * c.dim + c.dim * c.dim + 3 * c.dim * c.ffn_hidden
+  return 2 * c.num_layers * per_layer
+
+
+def attention_flops(c, queries, keys):
+  """q k^T and p v over all heads for `queries` positions against `keys` keys."""
+  return 2 * 2 * c.num_layers * queries * keys * c.dim
+
+
+def cached_flops_per_image(c, num_tokens, guided=True):
+  """FLOPs the KV-cache sampler executes per image (attention over the cache length it uses)."""
+  head = 2 * c.dim * c.vocab_size
+  causal = min(num_tokens, c.causal_num)
+  total = causal * (linear_flops_per_position(c) + head) + attention_flops(c, causal, causal)
+  for first, end, window in sampling.group_segments(c, num_tokens) if num_tokens > c.causal_num else []:
+    steps = end - first
+    total += steps * (c.group_size * (linear_flops_per_position(c) + head)
+                      + attention_flops(c, c.group_size, window))
+  return total * (2 if guided else 1)
+
+
+def nocache_lengths(c, num_tokens):
+  """Sequence lengths of the official sampler's model calls."""
+  causal = [gpt.sequence_length(n, c) for n in range(min(num_tokens, c.causal_num))]
+  groups = [gpt.sequence_length(n, c) for n in range(c.causal_num, num_tokens, c.group_size)]
+  return causal + groups
+
+
+def nocache_flops_per_image(c, num_tokens, guided=True):
+  """FLOPs of the official recompute-everything sampler (logits at every position, as it does)."""
+  per_position = linear_flops_per_position(c) + 2 * c.dim * c.vocab_size
+  total = sum(n * per_position + attention_flops(c, n, n) for n in nocache_lengths(c, num_tokens))
+  return total * (2 if guided else 1)
+
+
+def make_nocache_sampler(config, params, cfg_scale):
+  """The official algorithm: every step runs the training-path forward on the whole prefix."""
+  forward = jax.jit(lambda codes, labels: gpt.GPT(config).apply({"params": params}, codes, labels))
+
+  @jax.jit
+  def draw(logits, uniforms):
+    half = logits.shape[0] // 2
+    cond, uncond = logits[:half], logits[half:]
+    return sampling._draw(uncond + (cond - uncond) * cfg_scale, uniforms, 1.0, 0, None)
+
+  def generate(labels, keys):
+    batch = labels.shape[0]
+    model_labels = jnp.concatenate([labels, jnp.full_like(labels, config.num_classes)])
+    uniforms = sampling.code_uniforms(keys, config.block_size)
+    codes = jnp.zeros((batch, 0), jnp.int32)
+    c, g = config.causal_num, config.group_size
+    while codes.shape[1] < config.block_size:
+      n = codes.shape[1]
+      count = 1 if n < c else g
+      logits = forward(jnp.tile(codes, (2, 1)), model_labels)[:, -count:]
+      codes = jnp.concatenate([codes, draw(logits, uniforms[:, n:n + count])], axis=1)
+    return codes
+
+  return generate
+
+
+def timed(fn, repeats):
+  times = []
+  for i in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(i))
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", default="B", help="GPT size: B, L, XL or XXL")
+  parser.add_argument("--batches", default="1,8,32")
+  parser.add_argument("--nocache_batches", default="8", help="'' to skip the no-cache sampler")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--cfg_scale", type=float, default=1.5)
+  args = parser.parse_args()
+
+  config = gpt.gpt_model_config(args.size)
+  params = gpt.init_params(config, jax.random.PRNGKey(0))
+  params["output"]["kernel"] = 0.02 * jax.random.normal(
+      jax.random.PRNGKey(1), params["output"]["kernel"].shape)
+  n = config.block_size
+  print(f"devices: {jax.devices()}")
+  print(f"GPT-{args.size}: {config.num_layers}x{config.dim}x{config.num_heads}, vocab "
+        f"{config.vocab_size}, {n} tokens, g={config.group_size}, causal {config.causal_num}, "
+        f"cfg {args.cfg_scale}, float32; {len(nocache_lengths(config, n))} steps")
+  flops_cached = cached_flops_per_image(config, n)
+  flops_nocache = nocache_flops_per_image(config, n)
+  print(f"FLOPs per image: {flops_cached / 1e9:.1f} G with the KV cache, "
+        f"{flops_nocache / 1e9:.1f} G recomputing the prefix")
+
+  rows = []
+  for batch in [int(b) for b in args.batches.split(",") if b]:
+    labels = jnp.arange(batch, dtype=jnp.int32) % config.num_classes
+    run = lambda i: sampling.generate_codes(params, config, labels, rng=jax.random.PRNGKey(i),
+                                            cfg_scale=args.cfg_scale)
+    start = time.perf_counter()
+    jax.block_until_ready(run(0))
+    compile_s = time.perf_counter() - start
+    times = timed(run, args.repeats)
+    rate = matmul_rate(2 * batch * config.group_size, config.dim)
+    rows.append(("KV cache", batch, compile_s, times, flops_cached, rate))
+    report(rows[-1])
+
+  for batch in [int(b) for b in args.nocache_batches.split(",") if b]:
+    labels = jnp.arange(batch, dtype=jnp.int32) % config.num_classes
+    keys = jax.random.split(jax.random.PRNGKey(0), batch)
+    generate = make_nocache_sampler(config, params, args.cfg_scale)
+    start = time.perf_counter()
+    jax.block_until_ready(generate(labels, keys))
+    compile_s = time.perf_counter() - start
+    times = timed(lambda i: generate(labels, keys), max(2, args.repeats // 2))
+    rate = matmul_rate(2 * batch * config.group_size, config.dim)
+    rows.append(("no cache", batch, compile_s, times, flops_nocache, rate))
+    report(rows[-1])
+
+  print("\n| sampler | batch | images/s | s/batch (median) | runs | GFLOP/image | GFLOP/s "
+        "| matmul GFLOP/s at 2*batch*g rows | % of it | first call s |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for name, batch, compile_s, times, flops, rate in rows:
+    median = float(np.median(times))
+    achieved = flops * batch / median / 1e9
+    print(f"| {name} | {batch} | {batch / median:.2f} | {median:.2f} | {len(times)} | "
+          f"{flops / 1e9:.1f} | {achieved:.0f} | {rate:.0f} | {100 * achieved / rate:.0f}% | "
+          f"{compile_s:.1f} |")
+
+
+def report(row):
+  name, batch, compile_s, times, flops, rate = row
+  median = float(np.median(times))
+  print(f"{name:9s} batch {batch:3d}: {batch / median:6.2f} images/s, runs "
+        f"{', '.join(f'{t:.2f}' for t in times)} s, first call {compile_s:.1f} s, "
+        f"{flops * batch / median / 1e9:.0f} GFLOP/s (matmul rate {rate:.0f})", flush=True)
+
+
+if __name__ == "__main__":
+  main()
