@@ -164,7 +164,7 @@ def test_torch_resize_matches_official(parity_resolution):
   data = np.load(parity_resolution / "resize.npz")
   nhwc = lambda a: a.transpose(0, 2, 3, 1)
   x = nhwc(data["x"])
-  for t, (res, out) in {"t1": (1, 8), "t3": (6, 8), "t8": (19, 24), "t12": (27, 32)}.items():
+  for t, (res, out) in {"t3": (6, 8), "t8": (19, 24)}.items():   # 32 -> 6 / 19 area, up bicubic
     down = image_resize.torch_resize(x, res, res, mode="area")
     up = image_resize.torch_resize(down, out, out, mode="bicubic")
     assert max_relative_error(down, nhwc(data[f"{t}_down"])) <= 1e-5, t

@@ -27,7 +27,11 @@ def _get(config, key, default):
 
 
 def make_discriminator(loss_config, image_size, rng):
-  """(module, params, state) for loss_config.discriminator; see the module docstring."""
+  """(module, params, state) for loss_config.discriminator; see the module docstring.
+
+  image_size: the PatchGAN's fixed input side (inputs of other sizes are resized to it); the
+  DINO discriminator always resizes to its backbone's 224 and ignores it.
+  """
   # XLA:CPU compiles partitionable threefry ~8x slower (tens of seconds for a handful of
   # initialisers); these small replicated params do not need it.
   with jax.threefry_partitionable(False):
