@@ -1,0 +1,67 @@
+"""Tiny class-conditional GPT on the codes of configs/tokenizer_tiny.py (Fashion-MNIST), CPU-sized.
+
+The tokenizer has N = 32 codes in groups of 4 (first 4 token-causal) from a 1024-code book, so
+the GPT sees 1 class token + 28 codes + 3 special tokens and predicts 32 codes; 8 decoding steps.
+One config serves both jobs of the default run:
+  --config=configs/ar_tiny.py --config.job=extract_codes --workdir=workdirs/default/codes
+  --config=configs/ar_tiny.py --workdir=workdirs/default/ar
+Sized to train in about five minutes on two CPU cores (measured throughput in the commit that
+sets num_steps). get_config("smoke") is a seconds-long variant for tests.
+"""
+from detailflow_jax import config_defaults as defaults
+
+
+def tiny_gpt(num_layers, dim, num_heads):
+  g = defaults.gpt_config("B")
+  g.vocab_size = 1024
+  g.num_layers = num_layers
+  g.dim = dim
+  g.num_heads = num_heads
+  g.num_classes = 10
+  g.block_size = 32
+  g.group_size = 4
+  g.causal_num = 4
+  # Underfitting regime (about one epoch of codes): dropout only on the labels, for guidance.
+  g.token_dropout = 0.0
+  g.resid_dropout = 0.0
+  g.ffn_dropout = 0.0
+  g.class_dropout_prob = 0.1
+  g.dtype = "float32"   # bfloat16 is slower than float32 on CPU under XLA
+  return g
+
+
+def get_config(arg=None):
+  c = defaults.ar_training_config("B")
+  c.gpt = tiny_gpt(num_layers=4, dim=256, num_heads=4)
+
+  c.data.codes_dir = "workdirs/default/codes"
+  c.data.batch_size = 64
+  c.data.correction_prob = 0.3
+
+  c.extract.tokenizer_workdir = "workdirs/default/tokenizer"
+  c.extract.source = "fashion_mnist"   # the image source to encode (data.source is "codes")
+  c.extract.shard_size = 10_000
+  c.extract.batch_size = 256
+  c.extract.flips = True
+
+  c.optim.learning_rate = 1e-3
+  c.train.num_steps = 2000
+  c.train.ema_decay = 0.995            # a window of ~200 steps, suited to a short run
+  c.train.compute_dtype = c.gpt.dtype
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 2
+
+  if arg == "smoke":  # seconds-long run for tests
+    c.gpt = tiny_gpt(num_layers=2, dim=32, num_heads=2)
+    c.gpt.vocab_size = 64   # the codebook of configs/tokenizer_tiny.py:smoke
+    c.data.batch_size = 8
+    c.extract.batch_size = 8
+    c.extract.shard_size = 16
+    c.train.num_steps = 4
+    c.train.log_every = 1
+    c.train.checkpoint_every = 2
+    c.train.ema_decay = 0.9
+  elif arg:
+    raise ValueError(f"configs/ar_tiny.py: unknown arg {arg!r}; use no arg or 'smoke'")
+  return c

@@ -1,0 +1,1 @@
+"""Jobs that are not training loops (code extraction, evaluation, sampling): (config, workdir)."""
