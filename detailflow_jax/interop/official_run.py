@@ -16,6 +16,7 @@ official model only has that MLP when it also holds the frozen SigLIP2 feature m
 our checkpoints do not carry), and the official loaders load the model dict strictly.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -101,7 +102,9 @@ def load_pt(path, trust_pickle=False):
     if trust_pickle:
       checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     else:
-      with torch.serialization.safe_globals([argparse.Namespace]):
+      # safe_globals exists from torch 2.5; before, a checkpoint with args needs --trust-pickle.
+      allow = getattr(torch.serialization, "safe_globals", None)
+      with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
   except FileNotFoundError:
     raise
