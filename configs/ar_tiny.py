@@ -1,7 +1,7 @@
 """Tiny class-conditional GPT on the codes of configs/tokenizer_tiny.py (Fashion-MNIST), CPU-sized.
 
 The tokenizer has N = 32 codes in groups of 4 (first 4 token-causal) from a 1024-code book, so
-the GPT sees 1 class token + 28 codes + 3 special tokens and predicts 32 codes; 8 decoding steps.
+the GPT sees 1 class token + 28 codes + 3 special tokens and predicts 32 codes; 11 decoding steps (4 single codes, then 7 groups).
 One config serves both jobs of the default run:
   --config=configs/ar_tiny.py --config.job=extract_codes --workdir=workdirs/default/codes
   --config=configs/ar_tiny.py --workdir=workdirs/default/ar

@@ -130,6 +130,19 @@ def test_resume_skips_finished_shards(setup, tmp_path):
   assert len(codes.CodesSource(codes_dir)) == NUM_TRAIN
 
 
+def test_processes_split_the_shards(setup, tmp_path):
+  config = ar_config(setup["tok_dir"], setup["fmnist"], tmp_path / "codes")
+  second = extract_codes.extract_codes(config, str(tmp_path / "w1"), process_index=1,
+                                       process_count=2)
+  assert second["shards_written"] == [1]
+  first = extract_codes.extract_codes(config, str(tmp_path / "w0"), process_index=0,
+                                      process_count=2)
+  assert first["shards_written"] == [0, 2]
+  for index in range(3):
+    for a, b in zip(load_shard(setup["codes_dir"], index), load_shard(tmp_path / "codes", index)):
+      np.testing.assert_array_equal(a, b)
+
+
 def test_resume_with_other_settings_is_refused(setup, tmp_path):
   codes_dir = tmp_path / "codes"
   shutil.copytree(setup["codes_dir"], codes_dir)

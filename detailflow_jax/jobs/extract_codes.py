@@ -214,7 +214,7 @@ def build_manifest(*, tokenizer_config, num_images, shard_size, views, num_class
       tokenizer=t.to_dict() if hasattr(t, "to_dict") else dict(t), **extra)
 
 
-def write_or_check_manifest(codes_dir, manifest):
+def write_or_check_manifest(codes_dir, manifest, process_index=None):
   """Writes the manifest (process 0), or checks that an existing one describes the same run."""
   path = pathlib.Path(codes_dir) / codes_format.MANIFEST_FILE
   if path.is_file():
@@ -229,7 +229,7 @@ def write_or_check_manifest(codes_dir, manifest):
           f"{path} was written by a different extraction (differs in {different}); resuming "
           "would mix codes. Use an empty data.codes_dir (or delete that folder) to start over.")
     return
-  if jax.process_index() == 0:
+  if (jax.process_index() if process_index is None else process_index) == 0:
     tokenizer_loading.write_text_atomically(path, _to_json(manifest))
 
 
@@ -258,8 +258,12 @@ def codes_dir_for(config, workdir):
   return pathlib.Path(config.data.codes_dir or pathlib.Path(workdir) / "codes")
 
 
-def extract_codes(config, workdir):
-  """The `extract_codes` job. Returns a summary dict (also logged)."""
+def extract_codes(config, workdir, process_index=None, process_count=None):
+  """The `extract_codes` job. Returns a summary dict (also logged).
+
+  process_index / process_count default to JAX's; giving them splits the shards among
+  independent runs (e.g. separate jobs on machines that do not form one JAX cluster).
+  """
   tokenizer_loading.save_workdir_config(config, workdir)
   ex = config.extract
   if not ex.tokenizer_workdir:
@@ -284,9 +288,12 @@ def extract_codes(config, workdir):
       image_size=image_size, crop_size=crop_size, seed=int(config.seed),
       tokenizer_workdir=str(ex.tokenizer_workdir), tokenizer_step=int(tok.step),
       use_ema=bool(ex.use_ema))
-  write_or_check_manifest(out_dir, manifest)
+  pid = jax.process_index() if process_index is None else int(process_index)
+  pcount = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= pid < pcount:
+    raise ValueError(f"process_index={pid} must be in [0, process_count={pcount})")
+  write_or_check_manifest(out_dir, manifest, pid)
 
-  pid, pcount = jax.process_index(), jax.process_count()
   missing = set(codes_format.missing_shards(out_dir, manifest))
   done = {s["index"] for s in manifest["shards"]} - missing
   mine = [(s, first, count) for s, first, count in shard_plan(len(source), shard_size)
@@ -307,7 +314,7 @@ def extract_codes(config, workdir):
                        int(config.seed), schedule)
     encoder = CodeEncoder(tok.config, tok.params, int(config.seed), batch)
     summary.update(_run(jobs, loader, encoder, out_dir, manifest, data.num_workers, pid))
-  if pcount > 1:
+  if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("extract_codes_done")
   logging.info("extract_codes: %s", {k: v for k, v in summary.items() if k != "shards_written"})
