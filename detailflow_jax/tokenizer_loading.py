@@ -23,20 +23,32 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM = "state"
 
 
-def write_text_atomically(path, text):
-  """Writes `text` to `path` through a temporary file and a rename, so readers never see a
-  half-written file (a crash leaves the old file or none)."""
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def replace_atomically(path, write):
+  """Calls write(binary file) on a temporary file beside `path`, then renames it to `path`, so
+  readers never see a half-written file (a crash leaves the old file or none)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_text_atomically(path, text):
+  """Writes `text` to `path` through a temporary file and a rename."""
+  replace_atomically(path, lambda f: f.write(text.encode()))
 
 
 def save_workdir_config(config, workdir):

@@ -1,8 +1,10 @@
 """Code extraction (jobs/extract_codes.py), workdir loading (tokenizer_loading.py) and the AR
 code pipeline (data/codes.py)."""
 import json
+import os
 import pathlib
 import shutil
+import stat
 
 import jax
 import numpy as np
@@ -74,6 +76,11 @@ def test_manifest_shapes_and_labels(setup):
     np.testing.assert_array_equal(labels, (np.arange(count) + 16 * index) % 10)
     assert noise.shape == (count,)
     assert shard_codes.min() >= 0 and shard_codes.max() < 64
+  # Atomic writes keep the usual permissions (a temporary file alone would be private).
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("manifest.json", "codes_00000.npy"):
+    assert stat.S_IMODE((setup["codes_dir"] / name).stat().st_mode) == 0o666 & ~umask
   # The job saved its config beside its outputs.
   saved = tokenizer_loading.load_workdir_config(setup["root"] / "work")
   assert saved.job == "train_ar" and saved.extract.tokenizer_workdir == str(setup["tok_dir"])

@@ -17,9 +17,7 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
-import tempfile
 import time
 
 import grain
@@ -162,16 +160,7 @@ def _compiled_encoder(tokenizer_config_json, seed, device_ids):
 
 def save_npy_atomically(path, array):
   """np.save through a temporary file in the same folder and a rename."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, array)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  tokenizer_loading.replace_atomically(path, lambda f: np.save(f, array))
 
 
 def write_shard(codes_dir, shard_index, codes, labels, noise_positions):
