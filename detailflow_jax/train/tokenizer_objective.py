@@ -56,9 +56,14 @@ class TokenizerObjective:
     if self.loss.align_weight:
       from detailflow_jax.models import siglip2  # pylint: disable=g-import-not-at-top
       self.siglip = siglip2.load_feature_model(self.loss.siglip_weights, "loss.siglip_weights")
-    self.disc_module, self.disc_init_params, self.disc_init_state = discriminator.make_discriminator(
-        self.loss, config.tokenizer.image_size, jax.random.PRNGKey(config.seed + 1))
-    self.disc_apply = functools.partial(discriminator.discriminator_apply, self.disc_module)
+    if self.loss.gan_weight:
+      self.disc_module, self.disc_init_params, self.disc_init_state = (
+          discriminator.make_discriminator(
+              self.loss, config.tokenizer.image_size, jax.random.PRNGKey(config.seed + 1)))
+      self.disc_apply = functools.partial(discriminator.discriminator_apply, self.disc_module)
+    else:  # no discriminator: nothing to build, train or checkpoint
+      self.disc_module, self.disc_init_params, self.disc_init_state = None, {}, {}
+      self.disc_apply = None
     batch = config.data.batch_size
     self.tx, self.lr_schedule = optim.adam_with_schedule(config.optim, config.train.num_steps, batch)
     self.disc_tx, _ = optim.adam_with_schedule(
@@ -78,7 +83,11 @@ class TokenizerObjective:
     return frozen
 
   def gan_active(self, step):
-    return bool(self.loss.gan_weight) and step >= self.loss.gan_start_step
+    """Whether the step runs the discriminator. As in the reference it runs on every step when
+    the GAN is configured, with its loss weights zero before gan_start_step (adopt_weight on
+    the traced step), so the start of the GAN does not compile new step variants."""
+    del step
+    return bool(self.loss.gan_weight)
 
   def init_state(self, rng, tokenizer_params=None):
     """A fresh state (call under jit with out_shardings to place it)."""

@@ -13,10 +13,12 @@ def create(config, objective, mesh):
     from detailflow_jax.models import siglip2  # pylint: disable=g-import-not-at-top
     init_params = siglip2.tokenizer_params_with_siglip_encoder(
         config.loss.siglip_weights, config.tokenizer, rng, config_key="loss.siglip_weights")
-  abstract = jax.eval_shape(lambda r: objective.init_state(r, init_params), rng)
+  # Pretrained init params are an argument, not a closure: as constants XLA would fold
+  # hundreds of MB of weights into the program.
+  abstract = jax.eval_shape(objective.init_state, rng, init_params)
   shardings = sharding.state_shardings(abstract, mesh)
   with mesh:
-    state = jax.jit(lambda r: objective.init_state(r, init_params), out_shardings=shardings)(rng)
+    state = jax.jit(objective.init_state, out_shardings=shardings)(rng, init_params)
   abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return state, abstract, shardings
