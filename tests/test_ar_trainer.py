@@ -114,7 +114,7 @@ def test_ema_follows_the_params(straight_run, codes_dir):
   config = smoke_config(codes_dir, 4)
   mesh = sharding.build_mesh(config.mesh)
   objective, _, _, init, step = ar_trainer.compiled_functions(
-      ar_trainer._objective_key(config), mesh)  # pylint: disable=protected-access
+      ar_trainer.objective_key(config), mesh)
   state = init(jax.random.PRNGKey(config.seed))
   initial = leaves(state.params)
   batch = next(codes.make_ar_train_iterator(config))

@@ -34,7 +34,7 @@ def gpt_config_from(config):
   return gpt_config
 
 
-def _objective_key(config):
+def objective_key(config):
   """JSON of exactly the config fields the objective's traced functions depend on."""
   return json.dumps(dict(
       gpt=config.gpt.to_dict(), optim=config.optim.to_dict(),
@@ -43,13 +43,14 @@ def _objective_key(config):
 
 
 @functools.lru_cache(maxsize=4)
-def compiled_functions(objective_key, mesh):
-  """(objective, abstract state, state shardings, jitted init, jitted step) for a config key.
+def compiled_functions(key_json, mesh):
+  """(objective, abstract state, state shardings, jitted init, jitted step) for the JSON of
+  `objective_key(config)`.
 
   Cached, so a second run in the same process (a resume, a test) reuses the compiled programs.
   The state is created inside jit in its shardings: no device holds an unsharded copy.
   """
-  config = ml_collections.ConfigDict(json.loads(objective_key))
+  config = ml_collections.ConfigDict(json.loads(key_json))
   objective = ar_objective.ARObjective(config, gpt_config_from(config))
   abstract = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0))
   shardings = sharding.state_shardings(abstract, mesh)
@@ -97,7 +98,7 @@ def train_and_evaluate(config, workdir, on_metrics=None):
   gpt_config = gpt_config_from(config)
   data = codes.make_ar_train_iterator(config, jax.process_index(), jax.process_count())
   objective, abstract_state, _, init, compiled_step = compiled_functions(
-      _objective_key(config), mesh)
+      objective_key(config), mesh)
   state = init(jax.random.PRNGKey(config.seed))
   logging.info("GPT: %s parameters, %d layers x %d wide; %d tokens per step",
                f"{ar_objective.param_count(state.params):,}", gpt_config.num_layers,
