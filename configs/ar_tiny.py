@@ -44,12 +44,11 @@ def get_config(arg=None):
   c.extract.source = "fashion_mnist"   # the image source to encode (data.source is "codes")
   c.extract.shard_size = 10_000
   c.extract.batch_size = 256
-  c.extract.flips = True
+  c.extract.flips = False             # CPU budget: one view per image (60k codes)
 
   c.optim.learning_rate = 1e-3
   c.train.num_steps = 1500
   c.train.ema_decay = 0.995            # a window of ~200 steps, suited to a short run
-  c.train.compute_dtype = c.gpt.dtype
   c.train.log_every = 50
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2

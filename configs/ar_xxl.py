@@ -22,7 +22,6 @@ def get_config(arg=None):
   c = defaults.ar_training_config("XXL")
   c.gpt.block_size = num_tokens
   c.gpt.dtype = "bfloat16"
-  c.train.compute_dtype = c.gpt.dtype
   c.data.batch_size = 512
   c.train.num_steps = 300 * (IMAGENET_TRAIN_IMAGES // c.data.batch_size)  # drop_last epochs
 

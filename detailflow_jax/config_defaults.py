@@ -141,6 +141,8 @@ def extract_config():
   c.ten_crop_size = 281
   c.batch_size = 256
   c.split = "train"
+  c.source = ""                # image source to encode; empty: data.source (when not "codes")
+  c.shard_size = 10_000        # images per output shard (the unit of resumption)
   return c
 
 
@@ -174,5 +176,6 @@ def ar_training_config(size="L"):
   c.train.num_steps = 300 * 5004 // 2   # 300 epochs at batch 512 (DetailFlow-16/32)
   c.train.ema_decay = 0.9999
   c.train.checkpoint_every = 5_000
+  del c.train["compute_dtype"]  # the GPT's compute dtype is gpt.dtype
   c.mesh = mesh_config()
   return c

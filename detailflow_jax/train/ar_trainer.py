@@ -26,12 +26,7 @@ from detailflow_jax.train import sharding
 
 def gpt_config_from(config):
   """The GPTConfig of config.gpt (ValueError naming unknown or invalid fields)."""
-  gpt_config = gpt.GPTConfig.from_dict(config.gpt)
-  train_dtype = config.train.get("compute_dtype")
-  if train_dtype and train_dtype != gpt_config.dtype:
-    logging.warning("train.compute_dtype=%s is ignored by train_ar: the GPT computes in "
-                    "gpt.dtype=%s", train_dtype, gpt_config.dtype)
-  return gpt_config
+  return gpt.GPTConfig.from_dict(config.gpt)
 
 
 def objective_key(config):
