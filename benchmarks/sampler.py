@@ -2,7 +2,8 @@
 decode is not included).
 
 Measures, in one run:
-  * the machine's float32 matmul rate at the sampler's shapes (rows x dim @ dim x 4*dim, jit);
+  * the machine's float32 matmul rate at a group step's shapes (2*batch*g rows x dim @ dim x
+    4*dim @ 4*dim x dim, jit), measured after every timed run (the machine may be shared);
   * the KV-cache sampler (detailflow_jax.sampling.generate_codes) at each batch size:
     compile time, median wall time over --repeats runs, images/s, analytic FLOPs per image
     (with the cache and guidance), achieved GFLOP/s and its share of the matmul rate;
@@ -25,8 +26,9 @@ from detailflow_jax import sampling
 from detailflow_jax.models import gpt
 
 
-def matmul_rate(rows, dim, repeats=5):
-  """GFLOP/s of a chain of jitted (rows x dim) @ (dim x 4 dim) float32 matmuls."""
+def make_matmul_rate(rows, dim):
+  """Returns a function measuring GFLOP/s of a chain of jitted float32 (rows x dim) @
+  (dim x 4 dim) @ (4 dim x dim) matmuls: the shapes of a group step's MLP."""
   k = jax.random.PRNGKey(0)
   w_in = jax.random.normal(k, (dim, 4 * dim), jnp.float32) * 0.02
   w_out = jax.random.normal(k, (4 * dim, dim), jnp.float32) * 0.02
@@ -38,12 +40,12 @@ def matmul_rate(rows, dim, repeats=5):
     return jax.lax.fori_loop(0, chain, lambda i, x: x + 1e-3 * ((x @ w_in) @ w_out), x)
 
   jax.block_until_ready(run(x, w_in, w_out))
-  times = []
-  for _ in range(repeats):
+
+  def measure():
     start = time.perf_counter()
     jax.block_until_ready(run(x, w_in, w_out))
-    times.append(time.perf_counter() - start)
-  return chain * 2 * (2 * rows * dim * 4 * dim) / np.median(times) / 1e9
+    return chain * 2 * (2 * rows * dim * 4 * dim) / (time.perf_counter() - start) / 1e9
+  return measure
 
 
 def linear_flops_per_position(c):
@@ -109,13 +111,16 @@ def make_nocache_sampler(config, params, cfg_scale):
   return generate
 
 
-def timed(fn, repeats):
-  times = []
+def timed(fn, repeats, matmul_rate):
+  """Wall times of `repeats` calls, each followed by a matmul-rate measurement, so that the
+  rate is taken under the same (shared, noisy) machine load as the runs."""
+  times, rates = [], []
   for i in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn(i))
     times.append(time.perf_counter() - start)
-  return times
+    rates.append(matmul_rate())
+  return times, float(np.median(rates))
 
 
 def main():
@@ -149,8 +154,7 @@ def main():
     start = time.perf_counter()
     jax.block_until_ready(run(0))
     compile_s = time.perf_counter() - start
-    times = timed(run, args.repeats)
-    rate = matmul_rate(2 * batch * config.group_size, config.dim)
+    times, rate = timed(run, args.repeats, make_matmul_rate(2 * batch * config.group_size, config.dim))
     rows.append(("KV cache", batch, compile_s, times, flops_cached, rate))
     report(rows[-1])
 
@@ -161,8 +165,8 @@ def main():
     start = time.perf_counter()
     jax.block_until_ready(generate(labels, keys))
     compile_s = time.perf_counter() - start
-    times = timed(lambda i: generate(labels, keys), max(2, args.repeats // 2))
-    rate = matmul_rate(2 * batch * config.group_size, config.dim)
+    times, rate = timed(lambda i: generate(labels, keys), max(2, args.repeats // 2),
+                        make_matmul_rate(2 * batch * config.group_size, config.dim))
     rows.append(("no cache", batch, compile_s, times, flops_nocache, rate))
     report(rows[-1])
 

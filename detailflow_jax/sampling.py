@@ -183,13 +183,11 @@ def _decode(params, labels, keys, cfg_scale, temperature, top_p, gradual, *, con
   copies = 2 if guided else 1
   class_emb = model.apply(variables, model_labels, method=GPT.embed_classes)
   special = model.apply(variables, method=GPT.special_embeddings)
-  vocab = c.vocab_size
-  log_shape = (batch, num_tokens, vocab) if record_logits else (0,)
+  log_shape = (batch, num_tokens, c.vocab_size) if record_logits else (0,)
   all_uniforms = code_uniforms(keys, num_tokens)
 
   def run_model(embeddings, start, cache):
-    logits, cache = model.apply(variables, embeddings, start, cache, method=GPT.decode_step)
-    return logits, cache
+    return model.apply(variables, embeddings, start, cache, method=GPT.decode_step)
 
   def embed(codes):
     return model.apply(variables, jnp.tile(codes, (copies, 1)), method=GPT.embed_codes)
