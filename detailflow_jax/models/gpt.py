@@ -28,6 +28,7 @@ from detailflow_jax import detail
 from detailflow_jax.models.gpt_config import (  # noqa: F401
     GPT_SIZES, GPTConfig, ffn_hidden_size, gpt_model_config, sequence_length)
 
+
 @functools.lru_cache(maxsize=None)
 def rotary_table(block_size, group_size, head_dim, base=10000.0):
   """The official 2D rotary table `freqs_cis`: (block_size + 1, head_dim // 2, 2) float32.
@@ -235,7 +236,7 @@ class GPT(nn.Module):
     """Runs q new positions start..start+q-1 (embeddings (B, q, dim)) against `cache`.
 
     `cache` is {'k': [...], 'v': [...]}, one (B, H, S, head_dim) buffer per layer, holding the
-    keys/values of positions < start (see sampling.init_kv_cache). The new keys/values are
+    keys/values of positions < start (see kv_cache.init_kv_cache). The new keys/values are
     written at `start` and every new position attends to all positions < start + q: valid for
     a single token in the causal region or for one whole group. Returns (logits (B, q, V)
     float32, updated cache)."""

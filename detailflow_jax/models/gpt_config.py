@@ -28,7 +28,9 @@ class GPTConfig:
   ffn_dim: int = 0               # 0: the official SwiGLU rounding of the width
   norm_eps: float = 1e-5
   rope_base: float = 10000.0
-  token_dropout: float = 0.1     # on the input embeddings (official tok_dropout)
+  # Element-wise dropout on the input embeddings, as the official tok_dropout (nn.Dropout; its
+  # GroupDropout class is never used).
+  token_dropout: float = 0.1
   resid_dropout: float = 0.1     # after the attention output projection
   ffn_dropout: float = 0.1       # after the SwiGLU output projection
   class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
