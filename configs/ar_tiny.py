@@ -59,6 +59,7 @@ def get_config(arg=None):
     c.data.batch_size = 8
     c.extract.batch_size = 8
     c.extract.shard_size = 16
+    c.extract.flips = True   # tests cover both views
     c.train.num_steps = 4
     c.train.log_every = 1
     c.train.checkpoint_every = 2

@@ -41,12 +41,26 @@ def restored_params(workdir, state_template):
   return state, data
 
 
+class Crash(Exception):
+  pass
+
+
+def crash_at(step):
+  def on_metrics(metrics):
+    if metrics["step"] == step:
+      raise Crash(f"simulated crash at step {step}")
+  return on_metrics
+
+
 def test_resume_after_restart_is_bit_exact(tmp_path, fake_fmnist_dir):
   flags.FLAGS.mark_as_parsed()
   straight = tokenizer_trainer.train_and_evaluate(
       smoke_config(fake_fmnist_dir, 4), str(tmp_path / "straight"))
-  # Interrupted run: stops at step 2 (a checkpoint), then the same command resumes to 4.
-  tokenizer_trainer.train_and_evaluate(smoke_config(fake_fmnist_dir, 2), str(tmp_path / "resumed"))
+  # The same command crashes after the step-2 checkpoint (steps 3-4 computed, not saved) ...
+  with pytest.raises(Crash):
+    tokenizer_trainer.train_and_evaluate(smoke_config(fake_fmnist_dir, 4),
+                                         str(tmp_path / "resumed"), on_metrics=crash_at(4))
+  # ... and run again, resumes from step 2.
   logged = []
   resumed = tokenizer_trainer.train_and_evaluate(
       smoke_config(fake_fmnist_dir, 4), str(tmp_path / "resumed"), on_metrics=logged.append)
@@ -73,6 +87,7 @@ def run_losses(devices, data, fsdp, workdir, fake_dir):
   return json.loads(line[len("LOSSES "):])
 
 
+@pytest.mark.slow
 def test_eight_devices_data_fsdp_match_one_device(tmp_path, fake_fmnist_dir):
   one = run_losses(1, 1, 1, tmp_path / "one", fake_fmnist_dir)
   eight = run_losses(8, 4, 2, tmp_path / "eight", fake_fmnist_dir)
