@@ -1,8 +1,9 @@
 """Tokenizer training: config -> sharded state -> jitted steps -> orbax checkpoints.
 
-Compiled variants: one train step per (decoder output size, self-correction on/off, GAN on/off).
-The prefix length n and the noise position are traced scalars (the decoder masks latents beyond
-n), so n itself never recompiles; `ResolutionSchedule.output_sizes()` lists the sizes.
+Compiled variants: one train step per (decoder output size, self-correction on/off). The prefix
+length n and the noise position are traced scalars (the decoder masks latents beyond n), so n
+itself never recompiles; `ResolutionSchedule.output_sizes()` lists the sizes. The GAN weights
+are traced too (zero before loss.gan_start_step), so the GAN start adds no variant.
 """
 import concurrent.futures
 import functools
@@ -23,7 +24,8 @@ from detailflow_jax.train import tokenizer_visuals
 
 
 def step_variants(config, schedule, objective):
-  """Every (output size, correction, gan) a run can meet; n = 1 never has a noise position."""
+  """Every (output size, correction, gan) a run can meet; n = 1 never has a noise position.
+  `gan` is fixed for a run (whether the discriminator exists)."""
   n_for_size = {}
   for n in schedule.token_list:
     n_for_size.setdefault(schedule.decoder_size(n), []).append(n)
