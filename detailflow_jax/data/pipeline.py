@@ -78,6 +78,21 @@ def _check_sharding(batch_size, process_index, process_count):
   return batch_size // process_count
 
 
+def process_rows_of_global_batches(examples, local_batch, process_index, process_count):
+  """This process's rows of each global batch of a global example stream.
+
+  Global batch t is examples [t * B, (t + 1) * B) with B = local_batch * process_count, and
+  process p takes rows [p * local_batch, (p + 1) * local_batch) of it: the rows its devices
+  hold in a batch sharded over the data axes when each process's devices are contiguous in the
+  mesh (as jax.devices() lists them; on other layouts the rows are permuted within the global
+  batch, which leaves the mean loss unchanged). Every process shuffles and augments the same
+  global stream (seeded by example index), but reads and augments only its own rows, lazily.
+  So the global batches, and the losses, do not depend on the process count, and a job can
+  resume on another topology.
+  """
+  return examples.batch(local_batch, drop_remainder=True)[process_index::process_count]
+
+
 def _read(dataset, num_workers):
   iter_ds = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES))
@@ -102,15 +117,13 @@ def make_tokenizer_train_dataset(config, *, process_index=0, process_count=1):
       image_size=schedule.image_size, resize_min=data.resize_min, resize_max=data.resize_max,
       random_flip=data.random_flip)
   source = sources.make_source(data, data.train_split)
-  dataset = grain.MapDataset.source(source)[process_index::process_count]
-  if len(dataset) == 0:
-    raise ValueError(f"split '{data.train_split}' has {len(source)} records: too few for "
-                     f"process_count={process_count}")
+  if len(source) == 0:
+    raise ValueError(f"split '{data.train_split}' has no records")
+  dataset = grain.MapDataset.source(source)
   dataset = dataset.shuffle(seed=derive_seed(config.seed, _SHUFFLE_STREAM))
   dataset = dataset.repeat()  # each epoch reshuffled and re-augmented differently
-  dataset = dataset.random_map(
-      augment, seed=derive_seed(config.seed, _AUGMENT_STREAM, process_index))
-  dataset = dataset.batch(local_batch, drop_remainder=True)
+  dataset = dataset.random_map(augment, seed=derive_seed(config.seed, _AUGMENT_STREAM))
+  dataset = process_rows_of_global_batches(dataset, local_batch, process_index, process_count)
   return dataset.map_with_index(DegradeBatch(
       schedule, config.seed, float(data.degrade_prob), float(data.correction_prob)))
 
