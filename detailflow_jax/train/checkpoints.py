@@ -42,9 +42,15 @@ class Checkpointer:
     if step is None:
       return None, None
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self.manager.restore(
-        int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(
+          int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                             data=ocp.args.JsonRestore()))
+    except ValueError as error:  # orbax's shape/structure mismatch messages lack the context
+      raise ValueError(
+          f"checkpoint step {step} in {self.directory} does not fit the train state of this "
+          f"config: {error}\nA workdir holds one model: resume it with the config it was "
+          "started with, or give a new --workdir.") from error
     logging.info("restored checkpoint step %d from %s", step, self.directory)
     return restored["state"], restored["data"]
 

@@ -30,13 +30,23 @@ class LoopHooks:
 
 
 class PreemptionFlag:
-  """Set by SIGTERM (TPU preemption, SLURM requeue); read at step boundaries."""
+  """SIGTERM (TPU preemption, SLURM requeue) -> every process stops at the same step boundary.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes (jax.distributed): JAX's
+  runtime catches SIGTERM itself and its coordination service picks the step at which every
+  process stops (multihost_utils.reached_preemption_sync_point). That needs no collective on
+  the devices, so the host keeps dispatching steps ahead instead of waiting for each one.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._runtime_sync = False
 
   def install(self):
+    self._runtime_sync = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+    if self._runtime_sync:
+      return  # a Python handler would replace the runtime's and hide SIGTERM from it
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
     except ValueError:  # not the main thread (e.g. inside some test runners)
@@ -50,11 +60,14 @@ class PreemptionFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def should_stop(self):
-    # Every process must agree, or one would save while another trains on.
+  def should_stop(self, step):
+    """Call at every step (the same steps on every process): True once all must stop."""
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if self._runtime_sync:
+      return multihost_utils.reached_preemption_sync_point(step)
     if jax.process_count() == 1:
       return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    # Several processes without the runtime's preemption service: agree through a collective.
     flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
     return bool(np.any(flags))
 
@@ -105,7 +118,7 @@ def run(*, workdir, state, abstract_state, step_fn, data_iterator, num_steps,
         rate = progress(step, scalars)
         scalars["steps_per_sec"] = rate
         writer.write_scalars(step, {f"{metric_prefix}/{k}": v for k, v in scalars.items()})
-      stop = preemption.should_stop()
+      stop = preemption.should_stop(step)
       if step % checkpoint_every == 0 or step == num_steps or stop:
         if pending:  # never checkpoint a state whose losses were not checked
           host = jax.device_get(pending)
