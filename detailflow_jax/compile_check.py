@@ -274,6 +274,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   devices = _DEVICES.value
+  if devices < 1:
+    print(f"error: --devices={devices} must be >= 1 (the job's global device count)",
+          file=sys.stderr)
+    sys.exit(1)
   if not simulate_cpu_devices(devices):
     if os.environ.get(_RELAUNCHED) == str(devices):
       print(f"error: could not simulate {devices} CPU devices", file=sys.stderr)
