@@ -101,6 +101,14 @@ def train_config():
   return c
 
 
+def code_reset_config():
+  """Dead-code restarts (detailflow_jax.train.code_reset; not in the paper).
+  every: steps between restarts (0 = off); decay: of each code's running selection count;
+  min_fraction: a code is dead when its running count is below this fraction of an even share
+  (tokens per step / codebook size)."""
+  return ml_collections.ConfigDict(dict(every=0, decay=0.95, min_fraction=0.05))
+
+
 def mesh_config():
   # -1 takes the devices the other axes leave.
   return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -116,6 +124,7 @@ def tokenizer_training_config():
   c.loss = loss_config()
   c.optim = optim_config()
   c.train = train_config()
+  c.code_reset = code_reset_config()   # dead-code restarts: off, as in the paper
   c.mesh = mesh_config()
   return c
 
@@ -143,6 +152,7 @@ def extract_config():
   c.split = "train"
   c.source = ""                # image source to encode; empty: data.source (when not "codes")
   c.shard_size = 10_000        # images per output shard (the unit of resumption)
+  c.max_images = 0             # encode only the first max_images records (0 = the whole split)
   return c
 
 

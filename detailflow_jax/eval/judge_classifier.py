@@ -4,6 +4,7 @@ It answers one question honestly: does a sample of class c look like class c to 
 that never saw generated images? Trained on the train split (padded to 32x32 RGB like the
 tokenizer's inputs), reported on the test split.
 """
+import functools
 import time
 
 import flax.linen as nn
@@ -14,17 +15,18 @@ import optax
 
 
 class JudgeCNN(nn.Module):
+  """Strided convolutions: about 4 MFLOP per image, so three epochs of the 60k training images
+  take about a minute on two CPU cores (stride-1 VGG-style blocks cost 12x more)."""
   num_classes: int = 10
 
   @nn.compact
   def __call__(self, x, train=False):
     x = jnp.mean(x, axis=-1, keepdims=True)  # grey: samples and data are grey RGB
-    for features in (32, 64):
-      x = nn.relu(nn.Conv(features, (3, 3))(x))
-      x = nn.relu(nn.Conv(features, (3, 3))(x))
-      x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(32, (5, 5), strides=(2, 2))(x))   # 16 x 16
+    x = nn.relu(nn.Conv(64, (3, 3), strides=(2, 2))(x))   # 8 x 8
+    x = nn.relu(nn.Conv(64, (3, 3))(x))
     x = x.reshape(x.shape[0], -1)
-    x = nn.Dropout(0.3, deterministic=not train)(nn.relu(nn.Dense(256)(x)))
+    x = nn.Dropout(0.3, deterministic=not train)(nn.relu(nn.Dense(128)(x)))
     return nn.Dense(self.num_classes)(x)
 
 
@@ -32,8 +34,10 @@ def _to_float(images_uint8):
   return np.asarray(images_uint8, np.float32) / 127.5 - 1.0
 
 
-def train_judge(train_images, train_labels, *, epochs=3, batch_size=128, seed=0, log=print):
-  """Trains on uint8 NHWC images; returns params."""
+def train_judge(train_images, train_labels, *, epochs=3, batch_size=128, seed=0, log=None):
+  """Trains on uint8 NHWC images; returns params. `log` gets one line per epoch (default: print,
+  flushed, so progress shows when stdout is a file)."""
+  log = log or functools.partial(print, flush=True)
   model = JudgeCNN()
   rng = jax.random.PRNGKey(seed)
   params = model.init(rng, jnp.zeros((1,) + train_images.shape[1:], jnp.float32))["params"]

@@ -267,12 +267,18 @@ def extract_codes(config, workdir, process_index=None, process_count=None):
                      f"{image_size}")
   data = image_data_config(config)
   source = sources.make_source(data, ex.split)
+  num_images = len(source)
+  max_images = int(ex.get("max_images", 0))
+  if max_images < 0:
+    raise ValueError(f"extract.max_images={max_images} must be >= 0 (0 encodes the whole split)")
+  if max_images:
+    num_images = min(num_images, max_images)
   shard_size = int(ex.get("shard_size", DEFAULT_SHARD_SIZE))
   views = view_names(ex.flips, ex.ten_crop)
   out_dir = codes_dir_for(config, workdir)
   out_dir.mkdir(parents=True, exist_ok=True)
   manifest = build_manifest(
-      tokenizer_config=tok.config, num_images=len(source), shard_size=shard_size, views=views,
+      tokenizer_config=tok.config, num_images=num_images, shard_size=shard_size, views=views,
       num_classes=source.num_classes, split=ex.split, image_source=data.source,
       image_size=image_size, crop_size=crop_size, seed=int(config.seed),
       tokenizer_workdir=str(ex.tokenizer_workdir), tokenizer_step=int(tok.step),
@@ -285,7 +291,7 @@ def extract_codes(config, workdir, process_index=None, process_count=None):
 
   missing = set(codes_format.missing_shards(out_dir, manifest))
   done = {s["index"] for s in manifest["shards"]} - missing
-  mine = [(s, first, count) for s, first, count in shard_plan(len(source), shard_size)
+  mine = [(s, first, count) for s, first, count in shard_plan(num_images, shard_size)
           if s % pcount == pid]
   todo = [plan for plan in mine if plan[0] not in done]
   skipped = [s for s, _, _ in mine if s in done]

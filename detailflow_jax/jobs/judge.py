@@ -1,4 +1,5 @@
 """Judging class-conditional samples with a classifier trained on the real data."""
+import functools
 import json
 import pathlib
 import pickle
@@ -18,7 +19,7 @@ def fashion_mnist_arrays(directory, split):
   return padded[..., None], np.asarray(labels, np.int64)
 
 
-def trained_judge(workdir, fashion_mnist_dir, epochs, log=print):
+def trained_judge(workdir, fashion_mnist_dir, epochs, log=None):
   """Judge params, trained once and cached in WORKDIR/judge_params.pkl; with its test accuracy."""
   workdir = pathlib.Path(workdir)
   cache = workdir / "judge_params.pkl"
@@ -40,8 +41,9 @@ def jax_to_numpy(tree):
   return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def judge_samples(workdir, samples_uint8, labels, fashion_mnist_dir, epochs=3, log=print):
+def judge_samples(workdir, samples_uint8, labels, fashion_mnist_dir, epochs=3, log=None):
   """Trains (or reuses) the judge and reports how many samples land in their class."""
+  log = log or functools.partial(print, flush=True)
   params, test_accuracy = trained_judge(workdir, fashion_mnist_dir, epochs, log)
   predictions = judge_classifier.predict(params, samples_uint8)
   labels = np.asarray(labels)

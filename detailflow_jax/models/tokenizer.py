@@ -202,7 +202,8 @@ class DetailFlowTokenizer(nn.Module):
     clean * M/(2M-e) + pass-2 (positions >= e only) * (M-e)/(2M-e), e = noise_end.
     Also returns codebook_usage / perplexity of the clean indices, group_cosine_similarity of
     the decoded codes, first_token (B, codebook_dim): the clean sequence's first quantised token
-    (for the alignment loss), indices (B, M) clean codes, and index_triplet when corrected.
+    (for the alignment loss), indices (B, M) clean codes, z (B, M, codebook_dim) the clean
+    l2-normalised latents, and index_triplet when corrected.
     """
     c = self.config
     clean = self.encode(images, num_latents)
@@ -226,7 +227,7 @@ class DetailFlowTokenizer(nn.Module):
         vq_loss=vq_loss, commit_loss=commit_loss,
         group_cosine_similarity=vq.group_cosine_similarity(jax.lax.stop_gradient(quant),
                                                            c.group_size),
-        first_token=clean["quant"][:, 0], indices=clean["indices"],
+        first_token=clean["quant"][:, 0], indices=clean["indices"], z=clean["z"],
         **vq.codebook_metrics(clean["indices"], c.codebook_size))
     return out
 

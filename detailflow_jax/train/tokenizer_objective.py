@@ -19,6 +19,7 @@ from detailflow_jax.losses import discriminator
 from detailflow_jax.losses import gan
 from detailflow_jax.losses import perceptual
 from detailflow_jax.models import tokenizer as tokenizer_model
+from detailflow_jax.train import code_reset
 from detailflow_jax.train import optim
 
 
@@ -32,6 +33,7 @@ class TokenizerState:
   disc_opt_state: optax.OptState
   lecam_state: gan.LecamState
   ema_params: dict        # {} when EMA is off
+  code_usage: jax.Array   # (K,) running selection counts for dead-code restarts
   rng: jax.Array
 
 
@@ -103,7 +105,10 @@ class TokenizerObjective:
         step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
         disc_params=self.disc_init_params, disc_state=self.disc_init_state,
         disc_opt_state=self.disc_tx.init(self.disc_init_params), lecam_state=gan.lecam_init(),
-        ema_params=ema, rng=state_rng)
+        ema_params=ema, code_usage=code_reset.init_usage(
+            self.config.tokenizer.codebook_size,
+            self.config.data.batch_size * self.config.tokenizer.num_tokens),
+        rng=state_rng)
 
   def generator_loss(self, params, state, batch, frozen, rng, use_correction, gan_active):
     loss_cfg = self.loss
@@ -141,13 +146,14 @@ class TokenizerObjective:
       total = total + loss_cfg.align_weight * align
       metrics["align_loss"] = align
     metrics["loss"] = total
-    return total, (metrics, recon, target, disc_state)
+    codes = dict(indices=out["indices"], z=out["z"])
+    return total, (metrics, recon, target, disc_state, codes)
 
   def train_step(self, state, batch, frozen, *, use_correction, gan_active):
     rng = jax.random.fold_in(state.rng, state.step)
-    gen_rng, disc_rng = jax.random.split(rng)
+    gen_rng, disc_rng, reset_rng = jax.random.split(rng, 3)
     grad_fn = jax.value_and_grad(self.generator_loss, has_aux=True)
-    (_, (metrics, recon, target, disc_state)), grads = grad_fn(
+    (_, (metrics, recon, target, disc_state, codes)), grads = grad_fn(
         state.params, state, batch, frozen, gen_rng, use_correction, gan_active)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -169,10 +175,31 @@ class TokenizerObjective:
                      logits_fake=d_aux["logits_fake"])
 
     ema = state.ema_params
+    code_usage = state.code_usage
+    if self.config.code_reset.every:
+      params, ema, code_usage, metrics["codes_restarted"] = self._restart_dead_codes(
+          params, ema, code_usage, codes, state.step + 1, reset_rng)
     if self.config.train.ema_decay:
       ema = optim.ema_update(ema, params, self.config.train.ema_decay)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
         disc_state=disc_state, disc_opt_state=disc_opt_state, lecam_state=lecam_state,
-        ema_params=ema)
+        ema_params=ema, code_usage=code_usage)
     return new_state, metrics
+
+  def _restart_dead_codes(self, params, ema, code_usage, codes, step, rng):
+    """code_reset.restart_dead_codes on the codebook; a restarted row is also copied into the
+    EMA params, which would otherwise keep averaging towards the dead row for many steps."""
+    old = params["tokenizer"]["quantize"]["codebook"]
+    new, code_usage, restarted = code_reset.restart_dead_codes(
+        old, code_usage, codes["indices"], codes["z"], step, rng, self.config.code_reset)
+    params = _with_codebook(params, new)
+    if ema:
+      moved = jnp.any(new != old, axis=-1, keepdims=True)
+      ema = _with_codebook(ema, jnp.where(moved, new, ema["tokenizer"]["quantize"]["codebook"]))
+    return params, ema, code_usage, restarted
+
+
+def _with_codebook(params, codebook):
+  quantize = dict(params["tokenizer"]["quantize"], codebook=codebook)
+  return dict(params, tokenizer=dict(params["tokenizer"], quantize=quantize))

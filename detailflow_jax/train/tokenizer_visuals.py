@@ -2,6 +2,7 @@
 every n in the token list (left to right), then the input."""
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from detailflow_jax import detail
 from detailflow_jax import images as image_io
@@ -38,10 +39,15 @@ class ReconstructionStrips:
     return self._images
 
   def __call__(self, step, state):
+    params = state.params["tokenizer"]
+    if jax.process_count() > 1:
+      # With fsdp across hosts a param's shards live on other processes: every process joins
+      # the gather (the hook runs on all of them), then only process 0 draws.
+      params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() != 0:
       return
     images = self.images()
-    params = jax.device_get(state.params["tokenizer"])
+    params = jax.device_get(params)
     recons = prefix_reconstructions(self.model, params, images, self.schedule)
     rows = []
     for i in range(images.shape[0]):
