@@ -7,7 +7,7 @@ One config serves both jobs of the default run:
   --config=configs/ar_tiny.py --workdir=workdirs/default/ar
 Sized for the default run's CPU budget (the whole pipeline in under 20 minutes on two cores):
 4 layers x 192 wide (2.2M parameters, 27 GFLOP per step of 64 sequences, about 1.9 steps/s),
-600 steps over the codes of the first 30,000 training images (1.3 passes, a random clean or
+500 steps over the codes of the first 30,000 training images (about one pass, a random clean or
 self-corrected sequence each time).
 get_config("smoke") is a seconds-long variant for tests.
 """

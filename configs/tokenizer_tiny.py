@@ -7,8 +7,8 @@ and GAN start are fractions of num_steps, and the discriminator is the from-scra
 No pretrained files needed: no SigLIP2 alignment (it needs the user's SigLIP2 weights; see
 configs/tokenizer_128.py). Without SigLIP2's encoder init the codebook collapses within the first
 hundred steps, so this config turns on dead-code restarts (code_reset, not in the paper).
-700 steps of batch 32 take about 7 minutes on two idle cores plus about a minute of compilation
-(6 step variants) on a cold cache.
+1200 steps of batch 32 took 513 s on two idle cores, including 89 s of compilation
+(10 step variants) on a cold cache.
 """
 from detailflow_jax import config_defaults as defaults
 
