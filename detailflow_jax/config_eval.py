@@ -33,6 +33,8 @@ def eval_tokenizer_section():
   c.fid_token_counts = ()      # the n that get an rFID; empty: every n of token_counts
   c.compute_lpips = True
   c.lpips_token_counts = ()    # the n that get LPIPS; empty: every n of token_counts
+  c.reference_cache = ""       # real-image statistics .npz (eval_generator's format): read
+                               # when present, else written; empty: computed, not kept
   _inception_fields(c)
   return c
 

@@ -18,6 +18,7 @@ from detailflow_jax import config_keys
 from detailflow_jax import detail
 from detailflow_jax.eval import fid as fid_lib
 from detailflow_jax.eval import plots
+from detailflow_jax.eval import reference as reference_lib
 from detailflow_jax.jobs import eval_common
 from detailflow_jax.jobs import eval_fid_reference
 from detailflow_jax.jobs import eval_generator
@@ -186,6 +187,51 @@ def test_eval_tokenizer_curve_png(tokenizer_run):
   assert len(colors) > 3  # text, axes and coloured lines were drawn
 
 
+def test_eval_tokenizer_reference_cache_is_eval_generators(tmp_path, tokenizer_workdir,
+                                                           fashion_dir):
+  """One Inception pass over the real split serves both jobs: the statistics eval_tokenizer
+  writes to eval.reference_cache equal eval_generator's for the same split, a second evaluation
+  reads them instead of running the network on the real images, and gets the same rFID."""
+  tok_dir, _ = tokenizer_workdir
+  config = load_config("eval_tokenizer_tiny.py")
+  config.data.fashion_mnist_dir = str(fashion_dir)
+  config.eval.tokenizer_workdir = str(tok_dir)
+  config.eval.update(num_images=0, batch_size=5, inception_batch_size=5, token_counts=(8,),
+                     fid_token_counts=(32,), compute_lpips=False,
+                     reference_cache=str(tmp_path / "test-stats.npz"))
+  first = eval_tokenizer.evaluate_tokenizer(config, str(tmp_path / "a"))
+  written = reference_lib.load_reference(config.eval.reference_cache)
+  assert written.num_images == 10
+
+  gen = load_config("eval_generator_tiny.py")
+  gen.data.fashion_mnist_dir = str(fashion_dir)
+  gen.eval.inception_batch_size = 5
+  generator_ref, _ = eval_generator.reference_statistics(
+      gen.eval, gen, FakeExtractor(None, 5), 32, tmp_path / "gen")
+  np.testing.assert_allclose(written.pool.mu, generator_ref.pool.mu, rtol=1e-12)
+  np.testing.assert_allclose(written.pool.sigma, generator_ref.pool.sigma, rtol=1e-12, atol=1e-15)
+  np.testing.assert_allclose(written.spatial.mu, generator_ref.spatial.mu, rtol=1e-12)
+
+  calls = []
+
+  class CountingExtractor(FakeExtractor):
+    def __call__(self, batches, max_images=None):
+      batches = list(batches)
+      calls.extend(len(b) for b in batches)
+      return super().__call__(iter(batches), max_images)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(eval_common, "make_feature_extractor", CountingExtractor)
+    second = eval_tokenizer.evaluate_tokenizer(config, str(tmp_path / "b"))
+  assert sum(calls) == 10  # the reconstructions only (n = 32), not the real images again
+  assert second["summary"]["rfid"] == first["summary"]["rfid"]
+  assert second["settings"]["reference_cache"] == config.eval.reference_cache
+
+  config.eval.num_images = 5
+  with pytest.raises(ValueError, match=r"statistics of 10 images but this evaluation read 5"):
+    eval_tokenizer.evaluate_tokenizer(config, str(tmp_path / "c"))
+
+
 def test_eval_token_counts_validation(tokenizer_workdir):
   schedule = detail.ResolutionSchedule.from_config(tokenizer_workdir[1].tokenizer)
   e = load_config("eval_tokenizer_tiny.py").eval
@@ -268,14 +314,14 @@ def test_eval_generator_npz_and_settings(generator_run):
     assert samples["arr_0"].std() > 0
   written = json.loads((run_dir / "metrics.json").read_text())
   s = written["sampling"]
-  assert (s["cfg_scale"], s["temperature"], s["top_k"], s["top_p"]) == (1.5, 1.0, 0, 1.0)
+  assert (s["cfg_scale"], s["temperature"], s["top_k"], s["top_p"]) == (3.0, 1.0, 0, 1.0)
   assert (s["num_samples"], s["num_tokens"], s["output_size"], s["seed"]) == (6, 32, 32, 0)
   assert s["gpt_step"] == 7 and s["gpt_use_ema"] is True and s["tokenizer_step"] == 7
   assert set(written["metrics"]) >= {"fid", "sfid", "precision", "recall", "num_images"}
   assert written["metrics"]["num_images"] == 6
   assert written["metrics"]["reference_num_images"] == 10
   assert np.isfinite(written["metrics"]["fid"]) and 0 <= written["metrics"]["precision"] <= 1
-  assert written["settings"]["config"]["eval"]["cfg_scale"] == 1.5
+  assert written["settings"]["config"]["eval"]["cfg_scale"] == 3.0
   assert pathlib.Path(written["reference"]["cache"]).is_file()
 
 

@@ -207,10 +207,14 @@ def test_tfds_source_with_mock_data():
 # ---------------------------------------------------------------- with the real network
 
 
-def test_compute_features_is_batching_invariant(inception_params, reference_features):
+def test_compute_features_is_batching_invariant(inception_params, reference_features, capsys):
   images = np.concatenate([reference_images(), reference_images()[::-1]])
   images[3] = 255 - images[3]
-  features = fid_lib.compute_features(inception_params, iter([images[:3], images[3:]]), 2)
+  features = fid_lib.compute_features(inception_params, iter([images[:3], images[3:]]), 2,
+                                      log_every_seconds=1e-9)
+  progress = [l for l in capsys.readouterr().out.splitlines() if l.startswith("inception")]
+  assert [l.split(" images,")[0] for l in progress] == [
+      "inception features: 2", "inception features: 4"]
   assert features.pool.shape == (4, 2048)
   np.testing.assert_allclose(features.pool[:2], reference_features.pool, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(features.pool[2], reference_features.pool[1], rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ statistics, np.cov (unbiased), scipy.linalg.sqrtm of sigma_a @ sigma_b, and the 
 that product is singular.
 """
 import functools
+import time
 import warnings
 from typing import Iterable, NamedTuple, Optional
 
@@ -77,7 +78,8 @@ def _rebatch(batches, size):
 
 
 def compute_features(params, images_uint8_iter: Iterable[np.ndarray], batch_size: int,
-                     mesh: Optional[Mesh] = None, max_images: Optional[int] = None):
+                     mesh: Optional[Mesh] = None, max_images: Optional[int] = None,
+                     log_every_seconds: float = 0.0):
   """Inception pool_3 and spatial features of every image the iterator yields.
 
   params: from inception.load_inception().
@@ -88,6 +90,7 @@ def compute_features(params, images_uint8_iter: Iterable[np.ndarray], batch_size
     replicated. In a multi-process run every process must yield the same number of batches of
     batch_size / process_count images (its own share); all processes get all features back.
   max_images: stop after this many images.
+  log_every_seconds: > 0 prints the image count and rate at most that often (long CPU passes).
   Returns InceptionFeatures(pool [N, 2048], spatial [N, 2023]) as float32 numpy.
   """
   num_processes = jax.process_count()
@@ -103,6 +106,7 @@ def compute_features(params, images_uint8_iter: Iterable[np.ndarray], batch_size
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     batch_sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
   pools, spatials, seen = [], [], 0
+  began = last_log = time.perf_counter()
   for batch in _rebatch(images_uint8_iter, local_batch):
     if max_images is not None:
       batch = batch[:max_images - seen]
@@ -117,6 +121,10 @@ def compute_features(params, images_uint8_iter: Iterable[np.ndarray], batch_size
     pools.append(np.asarray(pool)[valid])
     spatials.append(np.asarray(spatial)[valid])
     seen += len(batch)
+    now = time.perf_counter()
+    if log_every_seconds > 0 and now - last_log >= log_every_seconds:
+      last_log = now
+      print(f"inception features: {seen} images, {seen / (now - began):.1f} images/s", flush=True)
     if max_images is not None and seen >= max_images:
       break
   if not pools:

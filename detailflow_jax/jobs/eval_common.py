@@ -56,6 +56,9 @@ def load_gpt(workdir, step=-1, use_ema=True):
   return loaded.config, loaded.params, loaded.step, tokenizer_loading.load_workdir_config(workdir)
 
 
+PROGRESS_SECONDS = 60  # an Inception pass over 10k images takes many minutes on a CPU
+
+
 class FeatureExtractor:
   """uint8 NHWC batches -> InceptionFeatures (pool 2048-d, spatial 2023-d), batched under jit."""
 
@@ -66,7 +69,8 @@ class FeatureExtractor:
     self.mesh = mesh
 
   def __call__(self, batches, max_images=None):
-    return fid_lib.compute_features(self.params, batches, self.batch_size, self.mesh, max_images)
+    return fid_lib.compute_features(self.params, batches, self.batch_size, self.mesh, max_images,
+                                    log_every_seconds=PROGRESS_SECONDS)
 
   def describe(self):
     return dict(network="FID Inception-v3 (pool_3 2048-d, mixed_6/conv spatial 2023-d)",

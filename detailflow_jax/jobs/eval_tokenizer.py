@@ -20,6 +20,7 @@ Output: WORKDIR/eval_tokenizer/metrics.json and curve.png.
 import functools
 import json
 import math
+import os
 import pathlib
 import time
 
@@ -37,6 +38,7 @@ from detailflow_jax.eval import fid as fid_lib
 from detailflow_jax.eval import inputs
 from detailflow_jax.eval import plots
 from detailflow_jax.eval import recon_metrics
+from detailflow_jax.eval import reference as reference_lib
 from detailflow_jax.jobs import eval_common
 from detailflow_jax.models import tokenizer as tokenizer_model
 
@@ -142,6 +144,17 @@ def _compare(acc, name, recon_unit, target_unit):
     acc.add(f"ssim_{name}", recon_metrics.ssim(recon_unit, target_unit, 1.0))
 
 
+def _cached_real_statistics(eval_cfg):
+  """The real images' statistics from eval.reference_cache when that file exists (None: compute
+  them). The cache has eval_generator's reference format, so one Inception pass over the split
+  serves both jobs (e.g. rFID and gFID against the same test set)."""
+  path = eval_cfg.reference_cache
+  if path and os.path.isfile(os.path.expanduser(path)):
+    logging.info("real-image statistics from %s", path)
+    return reference_lib.load_reference(path)
+  return None
+
+
 def evaluate_tokenizer(config, workdir):
   """The eval_tokenizer job: metrics.json and curve.png in WORKDIR/eval_tokenizer."""
   tok_workdir = eval_common.resolve_workdir(config.eval.tokenizer_workdir, workdir,
@@ -191,6 +204,7 @@ def run_evaluation(config, tok_workdir, out_dir):
   encode, decode = _programs(tok_config)
   params = eval_common.replicate(params, mesh)
   accs = {n: _Accumulator(tok_config.codebook_size) for n in counts}
+  cached_real = _cached_real_statistics(e) if extractor is not None else None
   real_features, official_ssim, num_images = [], [], 0
   began = time.time()
   for images, valid in _batches(config, tok_config, e):
@@ -199,7 +213,7 @@ def run_evaluation(config, tok_workdir, out_dir):
     real = images[valid]
     real_uint8 = inputs.to_uint8(real)
     real_unit = _unit(real_uint8)
-    if extractor is not None:
+    if extractor is not None and cached_real is None:
       real_features.append(extractor(iter([real_uint8])))
     for n in counts:
       acc, size = accs[n], schedule.decoder_size(n)
@@ -222,8 +236,20 @@ def run_evaluation(config, tok_workdir, out_dir):
     raise ValueError(f"split {e.split!r} gave no images")
 
   real_stats = None
-  if real_features:
-    real_stats = fid_lib.statistics(np.concatenate([f.pool for f in real_features]))
+  if cached_real is not None:
+    if cached_real.num_images != num_images:
+      raise ValueError(
+          f"eval.reference_cache={e.reference_cache!r} holds statistics of "
+          f"{cached_real.num_images} images but this evaluation read {num_images}; delete the "
+          f"file or point eval.reference_cache elsewhere")
+    real_stats = cached_real.pool
+  elif real_features:
+    real = reference_lib.reference_from_features(fid_lib.InceptionFeatures(
+        np.concatenate([f.pool for f in real_features]),
+        np.concatenate([f.spatial for f in real_features])))
+    real_stats = real.pool
+    if e.reference_cache:
+      reference_lib.save_reference(e.reference_cache, real)
   per_n = {}
   for n in counts:
     acc = accs[n]
@@ -260,7 +286,8 @@ def run_evaluation(config, tok_workdir, out_dir):
                                  "data_range=2.0 on [0, 1] images, as the official script",
           degraded_target="area to R(n), bicubic to d(n), clipped to [0, 1]",
           full_size="decoder output resized to image_size (area/bicubic as data.degrade)",
-          rfid="FID of full-size uint8 reconstructions vs the uint8 real images"))
+          rfid="FID of full-size uint8 reconstructions vs the uint8 real images"),
+      reference_cache=e.reference_cache or None)
   payload = dict(summary=summary, per_n=per_n, settings=settings,
                  seconds=time.time() - began)
   path = eval_common.write_json(pathlib.Path(out_dir) / "metrics.json", payload)
