@@ -144,15 +144,26 @@ def _compare(acc, name, recon_unit, target_unit):
     acc.add(f"ssim_{name}", recon_metrics.ssim(recon_unit, target_unit, 1.0))
 
 
-def _cached_real_statistics(eval_cfg):
+def _cached_real_statistics(config):
   """The real images' statistics from eval.reference_cache when that file exists (None: compute
   them). The cache has eval_generator's reference format, so one Inception pass over the split
-  serves both jobs (e.g. rFID and gFID against the same test set)."""
-  path = eval_cfg.reference_cache
-  if path and os.path.isfile(os.path.expanduser(path)):
-    logging.info("real-image statistics from %s", path)
-    return reference_lib.load_reference(path)
-  return None
+  serves both jobs (e.g. rFID and gFID against the same test set). Its image count is checked
+  here, before the reconstruction pass, not after it."""
+  e = config.eval
+  path = e.reference_cache
+  if not (path and os.path.isfile(os.path.expanduser(path))):
+    return None
+  logging.info("real-image statistics from %s", path)
+  cached = reference_lib.load_reference(path)
+  expected = eval_common.source_length(config.data, e.split)
+  if e.num_images:
+    expected = min(expected, e.num_images)
+  if cached.num_images != expected:
+    raise ValueError(
+        f"eval.reference_cache={path!r} holds statistics of {cached.num_images} images but "
+        f"this evaluation read {expected} of split {e.split!r}; delete the file or point "
+        f"eval.reference_cache elsewhere")
+  return cached
 
 
 def evaluate_tokenizer(config, workdir):
@@ -204,7 +215,7 @@ def run_evaluation(config, tok_workdir, out_dir):
   encode, decode = _programs(tok_config)
   params = eval_common.replicate(params, mesh)
   accs = {n: _Accumulator(tok_config.codebook_size) for n in counts}
-  cached_real = _cached_real_statistics(e) if extractor is not None else None
+  cached_real = _cached_real_statistics(config) if extractor is not None else None
   real_features, official_ssim, num_images = [], [], 0
   began = time.time()
   for images, valid in _batches(config, tok_config, e):
@@ -237,11 +248,6 @@ def run_evaluation(config, tok_workdir, out_dir):
 
   real_stats = None
   if cached_real is not None:
-    if cached_real.num_images != num_images:
-      raise ValueError(
-          f"eval.reference_cache={e.reference_cache!r} holds statistics of "
-          f"{cached_real.num_images} images but this evaluation read {num_images}; delete the "
-          f"file or point eval.reference_cache elsewhere")
     real_stats = cached_real.pool
   elif real_features:
     real = reference_lib.reference_from_features(fid_lib.InceptionFeatures(
