@@ -49,7 +49,7 @@ def eval_tokenizer_config():
 
 
 def eval_generator_section():
-  """Class-conditional samples of a trained GPT + tokenizer, and their FID against real images."""
+  """Class-conditional samples of a trained GPT + tokenizer; their FID and classifier FD."""
   c = ml_collections.ConfigDict()
   c.gpt_workdir = DEFAULT_AR_WORKDIR
   c.gpt_step = -1
@@ -70,7 +70,14 @@ def eval_generator_section():
   c.batch_size = 64
   c.run_name = ""              # output subfolder; empty: built from the settings
   c.reuse_samples = True       # keep samples.npz when its sampling settings are unchanged
-  c.compute_metrics = True
+  c.compute_metrics = True     # False: samples only
+  c.compute_inception = True   # FID / sFID / precision / recall (Inception: ~0.2 s per image)
+  c.compute_classifier_fd = True  # data.source fashion_mnist only: classifier FD against the
+                               # test split, the judge's per-class scores (eval/classifier_fd.py)
+  c.judge_cache_dir = ""       # fixed judge cache; empty: $DETAILFLOW_JUDGE_CACHE or
+                               # ~/.cache/detailflow_jax/judge
+  c.judge_epochs = 3           # the fixed judge's recipe (part of its cache key)
+  c.judge_seed = 0
   c.reference = ""             # ADM .npz or image folder; empty: data section, reference_split
   c.reference_split = "test"
   c.reference_num_images = 0   # 0: every image of the reference

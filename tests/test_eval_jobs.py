@@ -289,6 +289,9 @@ def generator_config(fashion_dir, gpt_dir, **overrides):
   config.eval.labels_per_class = 0
   config.eval.batch_size = 4
   config.eval.inception_batch_size = 4
+  # The fixed judge of the fake data set, trained once (one epoch) beside it, not in ~/.cache.
+  config.eval.judge_cache_dir = str(pathlib.Path(fashion_dir).parent / "judge_cache")
+  config.eval.judge_epochs = 1
   for key, value in overrides.items():
     config.eval[key] = value
   return config
@@ -323,6 +326,37 @@ def test_eval_generator_npz_and_settings(generator_run):
   assert np.isfinite(written["metrics"]["fid"]) and 0 <= written["metrics"]["precision"] <= 1
   assert written["settings"]["config"]["eval"]["cfg_scale"] == 3.0
   assert pathlib.Path(written["reference"]["cache"]).is_file()
+  # Classifier FD (Fashion-MNIST): the fixed judge's features of the same samples.npz.
+  m = written["metrics"]
+  assert np.isfinite(m["classifier_fd"]) and m["classifier_fd"] > 0
+  assert 0 <= m["classifier_in_class_fraction"] <= 1
+  assert sorted(m["classifier_per_class_accuracy"]) == sorted(
+      str(c) for c in set(samples_labels(run_dir)))
+  assert m["classifier_fd_reference_num_images"] == 10
+  classifier = written["settings"]["classifier"]
+  assert pathlib.Path(classifier["cache"]).is_file() and classifier["epochs"] == 1
+
+
+def samples_labels(run_dir):
+  with np.load(run_dir / "samples.npz") as samples:
+    return samples["arr_1"].tolist()
+
+
+def test_eval_generator_classifier_fd_alone(generator_run, gpt_workdir, fashion_dir, monkeypatch):
+  """compute_inception=False: the classifier figures only, from the samples already written,
+  equal to the full run's, with no Inception pass."""
+  payload, out = generator_run
+  monkeypatch.setattr(eval_common, "make_feature_extractor",
+                      lambda *a, **k: pytest.fail("Inception used"))
+  alone = eval_generator.evaluate_generator(
+      generator_config(fashion_dir, gpt_workdir, compute_inception=False), str(out))
+  assert alone["samples_npz"] == payload["samples_npz"]
+  assert "fid" not in alone["metrics"] and alone["reference"] is None
+  assert alone["metrics"]["num_images"] == 6
+  for key in ("classifier_fd", "classifier_in_class_fraction", "classifier_per_class_accuracy"):
+    assert alone["metrics"][key] == payload["metrics"][key], key
+  written = json.loads((pathlib.Path(alone["samples_npz"]).parent / "metrics.json").read_text())
+  assert written["metrics"]["classifier_fd"] == alone["metrics"]["classifier_fd"]
 
 
 def test_eval_generator_reuses_samples_and_is_batch_independent(generator_run, gpt_workdir,

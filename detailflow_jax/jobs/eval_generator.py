@@ -8,9 +8,13 @@
    the decoder's side for num_tokens (resized to output_size when that is set) and saved as
    uint8 (floor(127.5 x + 128), as the official sampler) in an ADM-style samples.npz: arr_0
    [N, H, W, 3] uint8, arr_1 [N] int32 labels. It is streamed to disk batch by batch.
-3. Metrics (ADM suite): FID, sFID, precision, recall against a reference: an ADM .npz (its
-   precomputed statistics are used as given), an image folder, or a split of the data section
-   (Fashion-MNIST test by default). Reference statistics are cached.
+3. Metrics (ADM suite, eval.compute_inception): FID, sFID, precision, recall against a
+   reference: an ADM .npz (its precomputed statistics are used as given), an image folder, or a
+   split of the data section (Fashion-MNIST test by default). Reference statistics are cached.
+4. Fashion-MNIST (data.source == "fashion_mnist", eval.compute_classifier_fd): classifier FD,
+   the Frechet distance to the test split in the fixed judge's features (eval/classifier_fd.py),
+   and the judge's in-class fraction of the samples, overall and per class. A domain metric
+   beside Inception FID, cheap enough (seconds) to sweep with compute_inception=False.
 
 Everything lands in WORKDIR/eval_generator/<run_name>/: samples.npz, sampling.json (the
 settings that determine the samples; a re-run with the same ones reuses samples.npz) and
@@ -31,7 +35,9 @@ from detailflow_jax import api
 from detailflow_jax import detail
 from detailflow_jax import sampling
 from detailflow_jax.data import degrade
+from detailflow_jax.eval import classifier_fd
 from detailflow_jax.eval import inputs
+from detailflow_jax.eval import judge_classifier
 from detailflow_jax.eval import reference as reference_lib
 from detailflow_jax.jobs import eval_common
 from detailflow_jax.models import tokenizer as tokenizer_model
@@ -226,24 +232,55 @@ def evaluate_generator(config, workdir):
     timing["sampling_seconds"] = time.time() - began
     eval_common.write_json(sampling_json, s)
 
-  metrics, reference_info, features_info = None, None, None
+  metrics, reference_info, features_info, classifier_info = None, None, None, None
   if e.compute_metrics:
-    began = time.time()
-    eval_common.build_mesh(config.mesh, e.inception_batch_size, "eval.inception_batch_size")
-    extractor = eval_common.make_feature_extractor(e.inception_weights, e.inception_batch_size,
-                                                   mesh)
-    reference, reference_info = reference_statistics(
-        e, config, extractor, tok_config.image_size, pathlib.Path(workdir) / OUTPUT_DIR)
-    features = extractor(inputs.iterate_npz_images(str(npz_path), extractor.batch_size))
-    metrics = reference_lib.metrics_from_features(features, reference, fid_method=e.fid_method)
-    metrics["reference_num_images"] = reference.num_images
-    features_info = extractor.describe()
-    timing["metrics_seconds"] = time.time() - began
+    metrics = dict(num_images=len(labels))
+    if e.compute_inception:
+      began = time.time()
+      eval_common.build_mesh(config.mesh, e.inception_batch_size, "eval.inception_batch_size")
+      extractor = eval_common.make_feature_extractor(e.inception_weights, e.inception_batch_size,
+                                                     mesh)
+      reference, reference_info = reference_statistics(
+          e, config, extractor, tok_config.image_size, pathlib.Path(workdir) / OUTPUT_DIR)
+      features = extractor(inputs.iterate_npz_images(str(npz_path), extractor.batch_size))
+      metrics.update(reference_lib.metrics_from_features(features, reference,
+                                                         fid_method=e.fid_method))
+      metrics["reference_num_images"] = reference.num_images
+      features_info = extractor.describe()
+      timing["metrics_seconds"] = time.time() - began
+    if e.compute_classifier_fd:
+      began = time.time()
+      metrics_cls, classifier_info = classifier_metrics(e, config, npz_path, labels)
+      metrics.update(metrics_cls)
+      timing["classifier_seconds"] = time.time() - began
 
   payload = dict(metrics=metrics, sampling=s, reference=reference_info,
                  samples_npz=str(npz_path.absolute()), timing=timing,
                  settings=dict(eval_common.run_record(config), features=features_info,
-                               gpt=gpt_config.to_dict(), tokenizer=tok_config.to_dict()))
+                               classifier=classifier_info, gpt=gpt_config.to_dict(),
+                               tokenizer=tok_config.to_dict()))
   path = eval_common.write_json(run_dir / "metrics.json", payload)
   print(f"eval_generator: {metrics}\nwrote {path}", flush=True)
   return payload
+
+
+def classifier_metrics(e, config, npz_path, labels):
+  """Classifier FD and the judge's class scores of the samples in npz_path (the streamed file,
+  read back in batches), and a description of the judge; ({}, None) off Fashion-MNIST."""
+  if config.data.source != "fashion_mnist":
+    print(f"eval_generator: no classifier FD (data.source={config.data.source!r}; the fixed "
+          f"judge is a Fashion-MNIST classifier)", flush=True)
+    return {}, None
+  judge = classifier_fd.fixed_judge(config.data.fashion_mnist_dir, e.judge_epochs, e.judge_seed,
+                                    e.judge_cache_dir)
+  scores = classifier_fd.score_samples(
+      judge, inputs.iterate_npz_images(str(npz_path), judge_classifier.BATCH_SIZE), labels,
+      method=e.fid_method)
+  metrics = {k: v for k, v in scores.items() if k != "num_images"}
+  metrics["classifier_test_accuracy"] = judge.test_accuracy
+  metrics["classifier_fd_reference_num_images"] = judge.num_test_images
+  per_class = " ".join(f"{c}:{a:.2f}" for c, a in scores["classifier_per_class_accuracy"].items())
+  print(f"eval_generator: classifier FD {scores['classifier_fd']:.4f} against the "
+        f"{judge.num_test_images} test images; in class {scores['classifier_in_class_fraction']:.4f}"
+        f" (per class {per_class}; judge test accuracy {judge.test_accuracy:.4f})", flush=True)
+  return metrics, judge.describe()

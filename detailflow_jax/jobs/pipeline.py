@@ -1,7 +1,8 @@
 """The `pipeline` job: the embedded default end to end, each stage in its own sub-workdir.
 
 tokenizer/ (train) -> tokenizer_eval/ (PSNR per prefix) -> codes/ (extract) -> ar/ (train) ->
-samples/ (grid, strips, npz) -> judge/ (classifier accuracy on the samples).
+samples/ (grid, strips, npz) -> judge/ (the fixed judge's accuracy and classifier FD of the
+samples; the judge is trained once and cached, eval/classifier_fd.py).
 Every stage resumes or is skipped when its output is complete, so rerunning the command after an
 interruption continues where it stopped.
 """
@@ -65,5 +66,6 @@ def run_pipeline(config, workdir):
   summary = dict(report, total_seconds=total)
   (w / "summary.json").write_text(json.dumps(summary, indent=2))
   print(f"done in {total / 60:.1f} min: samples in their class {report['sample_class_accuracy']:.3f}"
-        f" (judge test accuracy {report['judge_test_accuracy']:.3f}); outputs in {w}", flush=True)
+        f" (judge test accuracy {report['judge_test_accuracy']:.3f}), classifier FD "
+        f"{report['classifier_fd']:.3f}; outputs in {w}", flush=True)
   return summary
