@@ -1,8 +1,12 @@
 """Entry point: python -m detailflow_jax.main --config=configs/<name>.py --workdir=DIR.
 
 The config's `job` field names what runs; every job is a function (config, workdir) -> None.
+The console shows this package's lines and every warning, and library INFO (orbax, jax) only
+with --verbosity=0; WORKDIR/logs/<job>.log gets every record, each logged step's full metrics too.
 """
 import importlib
+import logging as std_logging
+import os
 import sys
 
 from absl import app
@@ -46,14 +50,63 @@ def resolve_job(name):
   return getattr(importlib.import_module(module_name), function_name)
 
 
+class ConsoleFilter(std_logging.Filter):
+  """What the console shows of the log: warnings and errors from anyone, this package's own INFO
+  lines, and library INFO (orbax, jax, ...) only when --verbosity is given. Records logged with
+  metrics_writer.FILE_ONLY (every log step's full metrics) go to the log file only."""
+
+  def __init__(self, show_library_info):
+    super().__init__()
+    self.show_library_info = show_library_info
+
+  def filter(self, record):
+    if getattr(record, "file_only", False):
+      return False
+    if record.levelno >= std_logging.WARNING or self.show_library_info:
+      return True
+    return record.pathname.startswith(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _FileFormatter(std_logging.Formatter):
+  """absl's prefix (level, time, thread, file:line) on every line. The console shows INFO lines
+  without it unless --verbosity or --showprefixforinfo is given."""
+
+  def format(self, record):
+    return logging.get_absl_log_prefix(record) + super().format(record)
+
+
+def quiet_console():
+  verbose = flags.FLAGS["verbosity"].present > 0
+  if not verbose:
+    flags.FLAGS.set_default("showprefixforinfo", False)
+  logging.get_absl_handler().addFilter(ConsoleFilter(show_library_info=verbose))
+
+
+def log_to_file(workdir, job_name):
+  """Every record at the --verbosity level (INFO unless given) into WORKDIR/logs/<job>.log
+  (<job>.process_<i>.log when there are several processes), appended across runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  suffix = f".process_{jax.process_index()}" if jax.process_count() > 1 else ""
+  log_dir = os.path.join(workdir, "logs")
+  os.makedirs(log_dir, exist_ok=True)
+  handler = std_logging.FileHandler(os.path.join(log_dir, f"{job_name}{suffix}.log"))
+  handler.setFormatter(_FileFormatter())
+  std_logging.getLogger().addHandler(handler)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  quiet_console()
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value)
   config = _CONFIG.value
   job = resolve_job(config.job)
   compilation_cache.enable()
+  log_to_file(_WORKDIR.value, config.job)
   logging.info("job %s, workdir %s", config.job, _WORKDIR.value)
   job(config, _WORKDIR.value)
 
