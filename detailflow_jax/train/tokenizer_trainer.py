@@ -16,6 +16,7 @@ from absl import logging
 from detailflow_jax import detail
 from detailflow_jax import tokenizer_loading
 from detailflow_jax.data import pipeline
+from detailflow_jax.train import checkpoints
 from detailflow_jax.train import loop
 from detailflow_jax.train import sharding
 from detailflow_jax.train import tokenizer_objective
@@ -111,14 +112,26 @@ def train_and_evaluate(config, workdir, on_metrics=None):
   data = pipeline.make_tokenizer_train_iterator(
       config, process_index=jax.process_index(), process_count=jax.process_count())
 
+  # A finished run (a rerun of the pipeline, say) restores its last state without compiling
+  # the step variants it will not use.
+  warm = not _already_trained(workdir, config.train.num_steps)
   visuals = tokenizer_visuals.ReconstructionStrips(config, objective, workdir)
   hooks = [loop.LoopHooks(config.train.image_every, visuals)] if config.train.image_every else []
   state = loop.run(
       workdir=workdir, state=state, abstract_state=abstract_state,
-      step_fn=make_step_fn(config, objective, abstract_state, shardings_, mesh), data_iterator=data,
+      step_fn=make_step_fn(config, objective, abstract_state, shardings_, mesh, warm=warm),
+      data_iterator=data,
       num_steps=config.train.num_steps, log_every=config.train.log_every,
       checkpoint_every=config.train.checkpoint_every,
       keep_checkpoints=config.train.keep_checkpoints, hooks=hooks, on_metrics=on_metrics)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and warm:
     visuals(int(jax.device_get(state.step)), state)
   return state
+
+
+def _already_trained(workdir, num_steps):
+  checkpointer = checkpoints.Checkpointer(workdir)
+  try:
+    return (checkpointer.latest_step() or 0) >= num_steps
+  finally:
+    checkpointer.close()
