@@ -48,13 +48,13 @@ def get_config(arg=None):
   c.loss.lpips_weight = 0.0
   c.loss.gan_weight = 0.0
 
-  c.train.num_steps = 1400
+  c.train.num_steps = 1300
   c.train.compute_dtype = "float32"
   c.train.log_every = 50
   c.train.checkpoint_every = 200
   c.train.image_every = 400
-  c.loss.lpips_warmup_steps = 280
-  c.loss.gan_start_step = 930
+  c.loss.lpips_warmup_steps = 260
+  c.loss.gan_start_step = 870
 
   c.optim.learning_rate = 4e-3  # +1.2 dB over 2e-3 at 600 steps; 6e-3 no better, 8e-3 stalls
   c.code_reset.every = 10  # a from-scratch encoder collapses the codebook (train/code_reset.py)
