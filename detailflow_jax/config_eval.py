@@ -19,6 +19,13 @@ def _inception_fields(c):
   c.fid_method = "sqrtm"       # sqrtm (ADM) | eigvals (same value, faster)
 
 
+def _judge_fields(c):
+  c.judge_cache_dir = ""       # fixed judge cache; empty: $DETAILFLOW_JUDGE_CACHE or
+                               # ~/.cache/detailflow_jax/judge
+  c.judge_epochs = 3           # the fixed judge's recipe (part of its cache key)
+  c.judge_seed = 0
+
+
 def eval_tokenizer_section():
   """Reconstruction metrics of a trained tokenizer, per prefix length n."""
   c = ml_collections.ConfigDict()
@@ -35,6 +42,9 @@ def eval_tokenizer_section():
   c.lpips_token_counts = ()    # the n that get LPIPS; empty: every n of token_counts
   c.reference_cache = ""       # real-image statistics .npz (eval_generator's format): read
                                # when present, else written; empty: computed, not kept
+  c.compute_classifier = True  # data.source fashion_mnist only: the fixed judge's accuracy and
+                               # classifier FD of the full-size reconstructions, every n
+  _judge_fields(c)
   _inception_fields(c)
   return c
 
@@ -74,10 +84,7 @@ def eval_generator_section():
   c.compute_inception = True   # FID / sFID / precision / recall (Inception: ~0.2 s per image)
   c.compute_classifier_fd = True  # data.source fashion_mnist only: classifier FD against the
                                # test split, the judge's per-class scores (eval/classifier_fd.py)
-  c.judge_cache_dir = ""       # fixed judge cache; empty: $DETAILFLOW_JUDGE_CACHE or
-                               # ~/.cache/detailflow_jax/judge
-  c.judge_epochs = 3           # the fixed judge's recipe (part of its cache key)
-  c.judge_seed = 0
+  _judge_fields(c)
   c.reference = ""             # ADM .npz or image folder; empty: data section, reference_split
   c.reference_split = "test"
   c.reference_num_images = 0   # 0: every image of the reference

@@ -19,6 +19,7 @@ from detailflow_jax import detail
 from detailflow_jax.eval import fid as fid_lib
 from detailflow_jax.eval import plots
 from detailflow_jax.eval import reference as reference_lib
+from detailflow_jax.eval import tokenizer_report
 from detailflow_jax.jobs import eval_common
 from detailflow_jax.jobs import eval_fid_reference
 from detailflow_jax.jobs import eval_generator
@@ -81,6 +82,12 @@ def fashion_dir(tmp_path_factory):
   return directory
 
 
+def judge_cache_dir(fashion_dir):
+  """The fixed judge of the fake data set, trained once (one epoch) beside it, not in ~/.cache;
+  shared by the tokenizer and generator evaluations (same data, epochs and seed)."""
+  return str(pathlib.Path(fashion_dir).parent / "judge_cache")
+
+
 def save_workdir(workdir, config, state):
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort())
@@ -135,6 +142,8 @@ def tokenizer_run(tmp_path_factory, tokenizer_workdir, fashion_dir):
   config.eval.batch_size = 4
   config.eval.inception_batch_size = 4
   config.eval.lpips_token_counts = (32,)  # LPIPS-VGG compiles slowly: one image size only
+  config.eval.judge_cache_dir = judge_cache_dir(fashion_dir)
+  config.eval.judge_epochs = 1
   out = tmp_path_factory.mktemp("eval_tokenizer_out")
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(eval_common, "make_feature_extractor", FakeExtractor)
@@ -149,7 +158,8 @@ def test_eval_tokenizer_writes_every_n(tokenizer_run):
   assert list(written["per_n"]) == [str(n) for n in schedule.token_list]
   assert set(written["summary"]) == {
       "num_tokens", "num_images", "rfid", "psnr", "ssim", "lpips", "ssim_official_protocol",
-      "codebook_usage", "perplexity"}
+      "codebook_usage", "perplexity", "classifier_accuracy", "classifier_fd",
+      "classifier_real_accuracy", "classifier_real_fd"}
   for key, entry in written["per_n"].items():
     n = int(key)
     assert entry["num_images"] == 6
@@ -161,6 +171,10 @@ def test_eval_tokenizer_writes_every_n(tokenizer_run):
       assert -1.0 <= entry[name] <= 1.0, (n, name)
     assert 0 < entry["codebook_usage"] <= 1
     assert 1 <= entry["perplexity"] <= tok_config.tokenizer.codebook_size
+    # The fixed judge on the full-size decodes of the 6 images (Fashion-MNIST data source).
+    assert 0 <= entry["classifier_accuracy"] <= 1, n
+    assert entry["classifier_accuracy"] * 6 == pytest.approx(round(entry["classifier_accuracy"] * 6))
+    assert np.isfinite(entry["classifier_fd"]) and entry["classifier_fd"] >= 0, n
     if n == schedule.num_tokens:
       assert 0 < entry["lpips_full"] < 2
     else:
@@ -170,6 +184,12 @@ def test_eval_tokenizer_writes_every_n(tokenizer_run):
   assert full["psnr_degraded"] == pytest.approx(full["psnr_full"], rel=1e-6)
   assert written["summary"]["psnr"] == full["psnr_full"]
   assert written["summary"]["lpips"] == full["lpips_full"]
+  s = written["summary"]
+  assert s["classifier_accuracy"] == full["classifier_accuracy"]
+  assert s["classifier_fd"] == full["classifier_fd"]
+  assert 0 <= s["classifier_real_accuracy"] <= 1 and np.isfinite(s["classifier_real_fd"])
+  classifier = written["settings"]["classifier"]
+  assert pathlib.Path(classifier["cache"]).is_file() and classifier["epochs"] == 1
   assert -1 <= written["summary"]["ssim_official_protocol"] <= 1
   # Codes of a longer prefix include the shorter one's: usage can only grow with n.
   usage = [e["codebook_usage"] for e in written["per_n"].values()]
@@ -179,12 +199,33 @@ def test_eval_tokenizer_writes_every_n(tokenizer_run):
   assert payload["summary"] == written["summary"]
 
 
-def test_eval_tokenizer_curve_png(tokenizer_run):
-  _, out, _ = tokenizer_run
+def test_eval_tokenizer_curve_png(tokenizer_run, tmp_path):
+  payload, out, _ = tokenizer_run
+  # Every figure was computed (rFID every n, LPIPS at n = 32, the judge): 8 panels, 4 rows.
   with Image.open(out / "eval_tokenizer" / "curve.png") as image:
-    assert image.size == (2 * plots.PANEL_SIZE[0], 3 * plots.PANEL_SIZE[1])
+    assert image.size == (2 * plots.PANEL_SIZE[0], 4 * plots.PANEL_SIZE[1])
     colors = image.convert("RGB").getcolors(maxcolors=1 << 16)
   assert len(colors) > 3  # text, axes and coloured lines were drawn
+  chart = tokenizer_report.plot_curves(
+      payload["per_n"], tmp_path / "again.png",
+      real_accuracy=payload["summary"]["classifier_real_accuracy"])
+  assert len(chart.titles) == 8 and "judge accuracy (full-size decode)" in chart.titles
+
+
+def test_eval_tokenizer_table(tokenizer_run):
+  payload, _, _ = tokenizer_run
+  lines = tokenizer_report.format_table(payload["per_n"], payload["summary"]).splitlines()
+  assert "cls acc" in lines[0] and lines[0].endswith("cls FD")
+  assert len(lines) == 1 + len(payload["per_n"]) + 1  # header, one row per n, the ceiling
+  first, last = list(payload["per_n"].values())[0], payload["per_n"]["32"]
+  assert lines[1].split()[-2:] == [f"{first['classifier_accuracy']:.4f}",
+                                   f"{first['classifier_fd']:.3f}"]
+  assert lines[1].split()[6] == "-"  # LPIPS only at n = 32
+  assert lines[-2].split()[-2:] == [f"{last['classifier_accuracy']:.4f}",
+                                    f"{last['classifier_fd']:.3f}"]
+  assert lines[-1] == (f"judge on the real images (ceiling): accuracy "
+                       f"{payload['summary']['classifier_real_accuracy']:.4f}, classifier FD "
+                       f"{payload['summary']['classifier_real_fd']:.3f}")
 
 
 def test_eval_tokenizer_reference_cache_is_eval_generators(tmp_path, tokenizer_workdir,
@@ -197,9 +238,11 @@ def test_eval_tokenizer_reference_cache_is_eval_generators(tmp_path, tokenizer_w
   config.data.fashion_mnist_dir = str(fashion_dir)
   config.eval.tokenizer_workdir = str(tok_dir)
   config.eval.update(num_images=0, batch_size=5, inception_batch_size=5, token_counts=(8,),
-                     fid_token_counts=(32,), compute_lpips=False,
+                     fid_token_counts=(32,), compute_lpips=False, compute_classifier=False,
                      reference_cache=str(tmp_path / "test-stats.npz"))
   first = eval_tokenizer.evaluate_tokenizer(config, str(tmp_path / "a"))
+  assert first["summary"]["classifier_accuracy"] is None  # eval.compute_classifier=False
+  assert first["per_n"]["8"]["classifier_fd"] is None and first["settings"]["classifier"] is None
   written = reference_lib.load_reference(config.eval.reference_cache)
   assert written.num_images == 10
 
@@ -249,17 +292,25 @@ def test_eval_token_counts_validation(tokenizer_workdir):
     eval_tokenizer.eval_token_counts(e, schedule)
 
 
-def test_evaluate_prefixes_for_the_pipeline(tmp_path, tokenizer_workdir, fashion_dir):
+def test_evaluate_prefixes_for_the_pipeline(tmp_path, tokenizer_workdir, fashion_dir,
+                                           monkeypatch):
+  """The pipeline's tokenizer_eval section has no compute_classifier key: the judge is on."""
   tok_dir, tok_config = tokenizer_workdir
   data = copy.deepcopy(tok_config.data)
   data.fashion_mnist_dir = str(fashion_dir)
+  monkeypatch.setenv("DETAILFLOW_JUDGE_CACHE", judge_cache_dir(fashion_dir))
   overrides = ml_collections.ConfigDict(dict(num_images=4, batch_size=4, split="test",
-                                             use_ema=False))
+                                             use_ema=False, judge_epochs=1))
   payload = eval_tokenizer.evaluate_prefixes(str(tok_dir), str(tmp_path / "out"), overrides, data)
   assert (tmp_path / "out" / "metrics.json").is_file() and (tmp_path / "out" / "curve.png").is_file()
   assert payload["summary"]["rfid"] is None and payload["summary"]["lpips"] is None
   assert payload["summary"]["num_images"] == 4
   assert all(np.isfinite(e["psnr_degraded"]) for e in payload["per_n"].values())
+  assert all(0 <= e["classifier_accuracy"] <= 1 for e in payload["per_n"].values())
+  assert payload["settings"]["classifier"]["cache"].startswith(judge_cache_dir(fashion_dir))
+  # No rFID or LPIPS: their panels are left out (PSNR, SSIM, usage, perplexity, judge x 2).
+  with Image.open(tmp_path / "out" / "curve.png") as image:
+    assert image.size == (2 * plots.PANEL_SIZE[0], 3 * plots.PANEL_SIZE[1])
   overrides.bogus = 1
   with pytest.raises(ValueError, match=r"unknown tokenizer eval keys \['bogus'\]"):
     eval_tokenizer.evaluate_prefixes(str(tok_dir), str(tmp_path / "out"), overrides, data)
@@ -289,8 +340,7 @@ def generator_config(fashion_dir, gpt_dir, **overrides):
   config.eval.labels_per_class = 0
   config.eval.batch_size = 4
   config.eval.inception_batch_size = 4
-  # The fixed judge of the fake data set, trained once (one epoch) beside it, not in ~/.cache.
-  config.eval.judge_cache_dir = str(pathlib.Path(fashion_dir).parent / "judge_cache")
+  config.eval.judge_cache_dir = judge_cache_dir(fashion_dir)
   config.eval.judge_epochs = 1
   for key, value in overrides.items():
     config.eval[key] = value
@@ -419,6 +469,38 @@ def test_eval_fid_reference_job(tmp_path, fashion_dir):
   eval_fid_reference.evaluate_fid_reference(config, str(tmp_path))
   assert payload["metrics"] == json.loads(
       (tmp_path / "eval_fid_reference" / "metrics.json").read_text())["metrics"]
+
+
+def per_n_rows(**columns):
+  """per_n entries for n = 1, 2, 4, 8 with the given columns (lists over n, None: missing)."""
+  return {str(n): dict(n=n, **{k: v[i] for k, v in columns.items()})
+          for i, n in enumerate((1, 2, 4, 8))}
+
+
+def test_plot_draws_only_panels_with_data(tmp_path):
+  none = [None] * 4
+  per_n = per_n_rows(psnr_full=[10.0, 12.0, 15.0, 20.0], psnr_degraded=[30.0, 28.0, 25.0, 20.0],
+                     ssim_full=[0.1, 0.2, 0.5, 0.9], ssim_degraded=none, lpips_full=none,
+                     rfid=none, codebook_usage=[0.1, 0.2, 0.3, 0.4], perplexity=[2.0, 3.0, 5.0, 8.0])
+  chart = tokenizer_report.plot_curves(per_n, tmp_path / "a.png")
+  assert chart.titles == ["PSNR (dB)", "SSIM", "codebook usage (codes < n)",
+                          "code perplexity (codes < n)"]
+  with Image.open(tmp_path / "a.png") as image:
+    assert image.size == (2 * plots.PANEL_SIZE[0], 2 * plots.PANEL_SIZE[1])
+  # One rFID value (the others missing) is data: its panel comes back; so does the judge's.
+  per_n["8"].update(rfid=3.5)
+  for entry, acc in zip(per_n.values(), (0.1, 0.4, 0.7, 0.8)):
+    entry.update(classifier_accuracy=acc, classifier_fd=10 * (1 - acc))
+  chart = tokenizer_report.plot_curves(per_n, tmp_path / "b.png", real_accuracy=0.9)
+  assert len(chart.titles) == 7 and "rFID (vs real images)" in chart.titles
+  assert "LPIPS (vs full image)" not in chart.titles
+  assert chart.image.size == (2 * plots.PANEL_SIZE[0], 4 * plots.PANEL_SIZE[1])
+  # Series without data leave the legend; a grid with no data at all is an error.
+  kept = plots.with_data([dict(title="t", series={"a": ([1, 2], [None, 1.0]),
+                                                  "b": ([1, 2], [None, float("nan")])})])
+  assert list(kept[0]["series"]) == ["a"]
+  with pytest.raises(ValueError, match="no panel has data"):
+    plots.line_chart_grid([dict(title="t", series={"a": ([1], [None])})], tmp_path / "c.png")
 
 
 def test_plots_nice_ticks():

@@ -2,8 +2,11 @@
 
 `line_chart_grid` lays out panels in a grid; each panel plots one or more series of (x, y)
 points with axes, tick labels, a title and a legend. Missing values (None / NaN) break a line.
+Only panels with data are drawn (a metric that was not computed, e.g. rFID with
+eval.compute_fid=False, leaves no empty frame), and a series without data leaves no legend entry.
 """
 import math
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -43,6 +46,27 @@ def _format_tick(value):
 
 def _finite(values):
   return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def series_has_data(xs, ys):
+  """True when some (x, y) point of the series is finite (it would draw at least a dot)."""
+  return any(x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+             for x, y in zip(xs, ys))
+
+
+def with_data(panels):
+  """The panels that have data, each keeping only its series with data (order kept)."""
+  kept = []
+  for panel in panels:
+    series = {name: xy for name, xy in panel["series"].items() if series_has_data(*xy)}
+    if series:
+      kept.append(dict(panel, series=series))
+  return kept
+
+
+class ChartGrid(NamedTuple):
+  image: Image.Image
+  titles: list  # the titles of the panels drawn, in order
 
 
 def draw_panel(draw, origin, panel, font):
@@ -113,9 +137,14 @@ def draw_panel(draw, origin, panel, font):
 
 
 def line_chart_grid(panels, path, columns=2):
-  """Renders panels (see draw_panel) into a PNG grid at `path`; returns the PIL image."""
+  """Renders the panels with data (see draw_panel, with_data) into a PNG grid at `path`;
+  returns ChartGrid(the PIL image, the titles drawn)."""
   if not panels:
     raise ValueError("line_chart_grid needs at least one panel")
+  titles = [panel["title"] for panel in panels]
+  panels = with_data(panels)
+  if not panels:
+    raise ValueError(f"no panel has data: {titles}")
   rows = -(-len(panels) // columns)
   image = Image.new("RGB", (PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows), "white")
   draw = ImageDraw.Draw(image)
@@ -124,4 +153,4 @@ def line_chart_grid(panels, path, columns=2):
     origin = ((i % columns) * PANEL_SIZE[0], (i // columns) * PANEL_SIZE[1])
     draw_panel(draw, origin, panel, font)
   image.save(path)
-  return image
+  return ChartGrid(image, [panel["title"] for panel in panels])

