@@ -1,5 +1,9 @@
 """The `sample` job: class-conditional samples as PNG grids, coarse-to-fine strips and an
-ADM-style .npz (arr_0: uint8 NHWC, arr_1: labels)."""
+ADM-style .npz (arr_0: uint8 NHWC, arr_1: labels).
+
+grid.png has one row per class, labelled with the class name (Fashion-MNIST) or index;
+coarse_to_fine.png has one row per class (its first sample) and one column per prefix length,
+labelled "n=..." and R(n). Both are upscaled x3 with nearest neighbour (labelled_grid.py)."""
 import json
 import pathlib
 import time
@@ -10,7 +14,11 @@ import numpy as np
 from absl import logging
 
 from detailflow_jax import api
+from detailflow_jax import detail
 from detailflow_jax import images as image_io
+from detailflow_jax import labelled_grid
+from detailflow_jax import tokenizer_loading
+from detailflow_jax.data import fashion_mnist
 
 STRIP_ROWS = 10
 
@@ -53,21 +61,51 @@ def decode_all(tokenizer, codes, num_tokens=None, batch_size=250):
   return np.concatenate(out)
 
 
-def write_outputs(out_dir, tokenizer, codes, labels, num_classes, per_class):
+def class_names(data_source, num_classes):
+  """Row labels: Fashion-MNIST's class names, else the class indices as text."""
+  if data_source == "fashion_mnist" and num_classes == len(fashion_mnist.CLASS_NAMES):
+    return list(fashion_mnist.CLASS_NAMES)
+  return [str(c) for c in range(num_classes)]
+
+
+def tokenizer_data_source(tokenizer_workdir):
+  """data.source of the tokenizer's training run (its WORKDIR/config.json); "" when unknown
+  (e.g. a run imported from an official PyTorch checkpoint)."""
+  try:
+    config = tokenizer_loading.load_workdir_config(tokenizer_workdir)
+  except ValueError:
+    return ""
+  return str(config.get("data", {}).get("source", "") or "")
+
+
+def strip_column_labels(tok_config, token_counts):
+  """"n=<tokens>" over "R(n)=<content resolution>" for each column of the strip."""
+  schedule = detail.ResolutionSchedule.from_config(tok_config)
+  return [f"n={n}\nR(n)={schedule.content_resolution(n)}" for n in token_counts]
+
+
+def write_outputs(out_dir, tokenizer, codes, labels, num_classes, per_class, row_names=None):
+  """samples.npz, grid.png (<= 10 samples per class, a labelled row per class) and
+  coarse_to_fine.png (the first sample of each class, every prefix length). row_names: one per
+  class (default: the class indices)."""
   out_dir = pathlib.Path(out_dir)
+  row_names = list(row_names) if row_names is not None else class_names("", num_classes)
   images = image_io.to_uint8(np.clip(decode_all(tokenizer, codes), -1, 1))
   np.savez(out_dir / "samples.npz", arr_0=images, arr_1=labels)
   cols = min(per_class, 10)
   rows_idx = [c * per_class + i for c in range(num_classes) for i in range(cols)]
-  image_io.save_png(image_io.grid(images[rows_idx], num_classes, cols), out_dir / "grid.png")
+  image_io.save_png(labelled_grid.labelled_grid(images[rows_idx], num_classes, cols, row_names),
+                    out_dir / "grid.png")
   # Coarse-to-fine: the first sample of each class decoded from its first n codes, every n.
-  first = codes[[c * per_class for c in range(min(num_classes, STRIP_ROWS))]]
+  strip_classes = list(range(min(num_classes, STRIP_ROWS)))
+  first = codes[[c * per_class for c in strip_classes]]
   token_counts = api.decodable_token_counts(tokenizer.config)
   per_n = {n: image_io.to_uint8(np.clip(decode_all(tokenizer, first, n), -1, 1))
            for n in token_counts}
   strip_rows = [[per_n[n][i] for n in token_counts] for i in range(len(first))]
-  image_io.save_png(image_io.coarse_to_fine_strip(strip_rows, tokenizer.config.image_size),
-                    out_dir / "coarse_to_fine.png")
+  image_io.save_png(labelled_grid.labelled_strip(
+      strip_rows, tokenizer.config.image_size, [row_names[c] for c in strip_classes],
+      strip_column_labels(tokenizer.config, token_counts)), out_dir / "coarse_to_fine.png")
   return images
 
 
@@ -82,7 +120,9 @@ def sample_job(config, workdir):
   codes = generate(params, labels, seed=s.seed, batch_size=s.batch_size, settings=settings)
   out_dir = pathlib.Path(workdir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  images = write_outputs(out_dir, params.tokenizer, codes, labels, num_classes, s.per_class)
+  names = class_names(tokenizer_data_source(s.tokenizer_workdir), num_classes)
+  images = write_outputs(out_dir, params.tokenizer, codes, labels, num_classes, s.per_class,
+                         names)
   np.save(out_dir / "codes.npy", codes)
   (out_dir / "sample_settings.json").write_text(json.dumps(dict(
       settings, seed=s.seed, per_class=s.per_class, tokenizer_workdir=s.tokenizer_workdir,
