@@ -7,6 +7,7 @@ import pytest
 
 from detailflow_jax import config_defaults
 from detailflow_jax import detail
+from tests.conftest import parity_params
 
 TABLE_FIELDS = ("token2res", "token2dec_res", "token2enc_res", "token2dec_out_res",
                 "decres2besttoken", "encres2besttoken", "decres2mintoken", "decres2maxtoken")
@@ -24,7 +25,7 @@ def schedule_from_params(p):
       encoder_patch_size=p["enc_patch_size"], decoder_patch_size=p["dec_patch_size"])
 
 
-@pytest.mark.parametrize("key", ["max256_N128", "max256_N256", "max256_N512", "small_max32_N16"])
+@pytest.mark.parametrize("key", parity_params("resolution/tables.json", list))
 def test_tables_equal_official(official_tables, key):
   official = official_tables[key]
   p = official["params"]

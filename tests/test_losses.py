@@ -1,4 +1,5 @@
 """Tokenizer training losses: LPIPS-VGG, GAN terms, DiffAugment, resizing, alignment."""
+import json
 import socket
 
 import jax
@@ -162,13 +163,15 @@ def test_diff_augment_probability_and_gradient():
 
 def test_torch_resize_matches_official(parity_resolution):
   data = np.load(parity_resolution / "resize.npz")
+  cases = json.loads((parity_resolution / "resize_cases.json").read_text())["cases"]
   nhwc = lambda a: a.transpose(0, 2, 3, 1)
   x = nhwc(data["x"])
-  for t, (res, out) in {"t3": (6, 8), "t8": (19, 24)}.items():   # 32 -> 6 / 19 area, up bicubic
+  for case in cases:   # area down to the content side, bicubic up to the decoder side
+    res, out = case["tgt_res"], case["dec_res"]
     down = image_resize.torch_resize(x, res, res, mode="area")
     up = image_resize.torch_resize(down, out, out, mode="bicubic")
-    assert max_relative_error(down, nhwc(data[f"{t}_down"])) <= 1e-5, t
-    assert max_relative_error(up, nhwc(data[f"{t}_up"])) <= 1e-5, t
+    assert max_relative_error(down, nhwc(data[case["down"]])) <= 1e-5, case["t"]
+    assert max_relative_error(up, nhwc(data[case["up"]])) <= 1e-5, case["t"]
 
 
 def test_torch_resize_rules():
