@@ -9,7 +9,7 @@ from detailflow_jax import config_defaults
 from detailflow_jax import detail
 from detailflow_jax.interop import tokenizer_state_dict as sd_lib
 from detailflow_jax.models import tokenizer as tokenizer_lib
-from tests.conftest import max_relative_error
+from tests.conftest import max_relative_error, parity_params
 
 TOLERANCE = 1e-4
 # Full float32 matmuls, so the parity bounds also hold on accelerators (whose default is lower).
@@ -32,6 +32,15 @@ def config_from_parity(cfg):
                                           t["patch_size"], cfg["pos_emb_grid"])
     c[tower].layer_norm_eps = cfg["layer_norm_eps"]
   return c
+
+
+def _case_names(field, key):
+  """Names of the cases config.json lists under `field` (collection time, for parametrize)."""
+  return parity_params("tokenizer/config.json", lambda cfg: [c[key] for c in cfg[field]])
+
+
+def _case(official, field, key, name):
+  return next(c for c in official.case.config[field] if c[key] == name)
 
 
 def nhwc(x):
@@ -80,9 +89,9 @@ def test_encode_matches_official(official):
       io["codebook_normalized"], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("case_index", [0, 1])
-def test_encode_other_sizes_matches_official(official, case_index):
-  case = official.case.config["encode_cases"][case_index]
+@pytest.mark.parametrize("prefix", _case_names("encode_cases", "prefix"))
+def test_encode_other_sizes_matches_official(official, prefix):
+  case = _case(official, "encode_cases", "prefix", prefix)
   p, io = case["prefix"], official.io
   out = official.encode(nhwc(io[f"{p}_x"]), case["cur_max_token_num"])
   errors = {k: max_relative_error(out[k], io[f"{p}_{k}"]) for k in ("enc_latent", "h", "quant")}
@@ -95,7 +104,9 @@ def test_encoder_masks_match_official(official):
   """Official masks are True = blocked; ours True = may attend."""
   cfg, io = official.case.config, official.io
   g, c = cfg["group_size"], cfg["causal_num"]
-  np.testing.assert_array_equal(detail.encoder_attention_mask(16, 16, g, c), ~io["enc_attn_mask"])
+  patches = (cfg["image_size"] // cfg["encoder"]["patch_size"]) ** 2
+  np.testing.assert_array_equal(
+      detail.encoder_attention_mask(patches, cfg["num_latent_tokens"], g, c), ~io["enc_attn_mask"])
   for case in cfg["encode_cases"]:
     grid, m = case["patch_grid"], case["cur_max_token_num"]
     np.testing.assert_array_equal(detail.encoder_attention_mask(grid * grid, m, g, c),
@@ -106,7 +117,7 @@ def test_decode_cases_match_official(official):
   errors = {}
   for case in official.case.config["decode_cases"]:
     pixels = official.decode(official.clean["quant"], case["t"], case["img_size"])
-    assert pixels.shape == (2, case["img_size"], case["img_size"], 3)
+    assert pixels.shape == (official.io["x"].shape[0], case["img_size"], case["img_size"], 3)
     errors[case["name"]] = max_relative_error(nchw(pixels), official.io[case["name"]])
   print("decode max relative errors", errors)
   assert max(errors.values()) <= TOLERANCE, errors
@@ -114,12 +125,15 @@ def test_decode_cases_match_official(official):
 
 def test_traced_num_tokens_decode_equals_sliced(official):
   quant = official.clean["quant"]
-  for t, size in [(1, 8), (4, 16), (12, 40)]:
+  cases = [(case["t"], case["img_size"]) for case in official.case.config["decode_cases"]]
+  for t, size in cases:
     sliced = official.decode(quant, t, size)
     masked = official.decode_traced(quant, jnp.int32(t), size)
     assert max_relative_error(masked, sliced) <= 1e-5, (t, size)
   # One compiled program per output size, whatever the token count.
-  assert official.decode_traced._cache_size() == 3
+  for t in {t for t, _ in cases}:
+    official.decode_traced(quant, jnp.int32(t), cases[0][1])
+  assert official.decode_traced._cache_size() == len({size for _, size in cases})
 
 
 def test_decode_from_indices_matches_official(official):
@@ -130,9 +144,9 @@ def test_decode_from_indices_matches_official(official):
   assert err <= TOLERANCE
 
 
-@pytest.mark.parametrize("case_index", [0, 1])
-def test_self_correction_matches_official(official, case_index):
-  case = official.case.config["correction_cases"][case_index]
+@pytest.mark.parametrize("prefix", _case_names("correction_cases", "prefix"))
+def test_self_correction_matches_official(official, prefix):
+  case = _case(official, "correction_cases", "prefix", prefix)
   p, io, end = case["prefix"], official.io, case["noise_end"]
   out = official.self_correct(nhwc(io["x"]), jnp.int32(case["noise_idx"]),
                               jnp.asarray(io[f"{p}_topk_selected_indices"]))
@@ -172,9 +186,10 @@ def test_state_dict_errors_name_the_tensor(official):
   extra = dict(sd, **{"decoder.extra_head.weight": np.zeros((2, 2), np.float32)})
   with pytest.raises(ValueError, match="unexpected tensor.*decoder.extra_head.weight"):
     sd_lib.tokenizer_params_from_state_dict(extra, config)
-  wrong = dict(sd, **{"quant_conv.weight": np.zeros((8, 32), np.float32)})
-  with pytest.raises(ValueError, match=r"quant_conv.weight has shape \(8, 32\), this model "
-                                       r"expects \(8, 64\)"):
+  rows, cols = sd["quant_conv.weight"].shape
+  wrong = dict(sd, **{"quant_conv.weight": np.zeros((rows, cols + 1), np.float32)})
+  with pytest.raises(ValueError, match=rf"quant_conv.weight has shape \({rows}, {cols + 1}\), "
+                                       rf"this model expects \({rows}, {cols}\)"):
     sd_lib.tokenizer_params_from_state_dict(wrong, config)
   # The training-only ring buffer may be absent.
   without_buffer = dict(sd)
