@@ -108,6 +108,9 @@ def main(argv):
   compilation_cache.enable()
   log_to_file(_WORKDIR.value, config.job)
   logging.info("job %s, workdir %s", config.job, _WORKDIR.value)
+  # Every job's config as text in WORKDIR/tensorboard, beside the scalars and images it writes.
+  from detailflow_jax.train import metrics_writer  # pylint: disable=g-import-not-at-top
+  metrics_writer.write_config(_WORKDIR.value, config)
   job(config, _WORKDIR.value)
 
 

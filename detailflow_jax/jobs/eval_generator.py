@@ -18,7 +18,9 @@
 
 Everything lands in WORKDIR/eval_generator/<run_name>/: samples.npz, sampling.json (the
 settings that determine the samples; a re-run with the same ones reuses samples.npz) and
-metrics.json (the numbers with every setting, reference and model step beside them).
+metrics.json (the numbers with every setting, reference and model step beside them). The
+metrics are also TensorBoard scalars eval_generator/<name> at the GPT checkpoint's step in
+WORKDIR/tensorboard/eval_generator/<run_name> (see write_tensorboard).
 """
 import os
 import pathlib
@@ -41,6 +43,7 @@ from detailflow_jax.eval import judge_classifier
 from detailflow_jax.eval import reference as reference_lib
 from detailflow_jax.jobs import eval_common
 from detailflow_jax.models import tokenizer as tokenizer_model
+from detailflow_jax.train import metrics_writer
 
 OUTPUT_DIR = "eval_generator"
 
@@ -260,8 +263,31 @@ def evaluate_generator(config, workdir):
                                classifier=classifier_info, gpt=gpt_config.to_dict(),
                                tokenizer=tok_config.to_dict()))
   path = eval_common.write_json(run_dir / "metrics.json", payload)
+  if metrics:
+    write_tensorboard(workdir, run_dir.name, gpt_step, metrics)
   print(f"eval_generator: {metrics}\nwrote {path}", flush=True)
   return payload
+
+
+def tensorboard_scalars(metrics):
+  """{eval_generator/<name>: number}: FID, sFID, precision, recall, classifier FD, in-class
+  fraction ...; a dict (per-class accuracy) becomes one tag per key; None and counts left out."""
+  scalars = {}
+  for key, value in metrics.items():
+    if key.endswith("num_images") or value is None:
+      continue
+    if isinstance(value, dict):
+      scalars.update({f"eval_generator/{key}/{k}": v for k, v in value.items() if v is not None})
+    else:
+      scalars[f"eval_generator/{key}"] = value
+  return scalars
+
+
+def write_tensorboard(workdir, run_name, gpt_step, metrics):
+  """The metrics at the GPT's checkpoint step, so evaluations of successive checkpoints draw a
+  training curve; each sampling setting (run_name: CFG, temperature ...) is its own run."""
+  metrics_writer.write_scalars(workdir, gpt_step, tensorboard_scalars(metrics),
+                               run=f"{OUTPUT_DIR}/{run_name}")
 
 
 def classifier_metrics(e, config, npz_path, labels):

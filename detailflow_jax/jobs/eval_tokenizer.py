@@ -23,7 +23,8 @@ does (floor(127.5 x + 128)) and compared in [0, 1] with the true data range 1.0.
 SSIM passes data_range=2.0 with [0, 1] images, which inflates it; `ssim_official_protocol` in the
 summary is that computation (skimage defaults + range 2.0), for comparison with paper tables.
 
-Output: WORKDIR/eval_tokenizer/metrics.json and curve.png.
+Output: WORKDIR/eval_tokenizer/metrics.json and curve.png, and the per-n figures as TensorBoard
+scalars in WORKDIR/tensorboard/eval_tokenizer/step_<checkpoint step> (see write_tensorboard).
 """
 import functools
 import json
@@ -51,6 +52,7 @@ from detailflow_jax.eval import reference as reference_lib
 from detailflow_jax.eval import tokenizer_report
 from detailflow_jax.jobs import eval_common
 from detailflow_jax.models import tokenizer as tokenizer_model
+from detailflow_jax.train import metrics_writer
 
 OUTPUT_DIR = "eval_tokenizer"
 SSIM_WINDOW = 11  # Gaussian window side of the default SSIM
@@ -205,11 +207,42 @@ def _classifier_fd(judge, acc):
   return float(classifier_fd.frechet_to_test(judge, np.concatenate(acc.judge_features)))
 
 
+# Figures of each n drawn as TensorBoard curves over n; content_resolution draws R(n).
+TENSORBOARD_PER_N = ("psnr_full", "psnr_degraded", "ssim_full", "ssim_degraded", "lpips_full",
+                     "rfid", "codebook_usage", "perplexity", "classifier_accuracy",
+                     "classifier_fd", "content_resolution")
+# Real-image figures (the ceiling), repeated at every n so they draw as a flat line beside the
+# curve of the same name; ssim_official_protocol is of n = N only.
+TENSORBOARD_CEILINGS = ("classifier_real_accuracy", "classifier_real_fd")
+
+
+def tensorboard_run(step, use_ema):
+  return f"eval_tokenizer/step_{step:07d}" + ("_ema" if use_ema else "")
+
+
+def write_tensorboard(tensorboard_workdir, run, per_n, summary):
+  """The per-n figures as scalars `eval_tokenizer/<name>` whose step is n, in their own run.
+
+  Step = n, not the model step: the figure to read is the coarse-to-fine curve (quality against
+  the number of tokens), which TensorBoard then draws as a line. One run per evaluated checkpoint
+  (tensorboard_run) puts the curves of successive checkpoints side by side in the run selector,
+  each in its own colour, instead of piling their points onto one line."""
+  writer = metrics_writer.create_writer(tensorboard_workdir, run)
+  for entry in per_n.values():
+    scalars = {f"eval_tokenizer/{k}": entry[k] for k in TENSORBOARD_PER_N}
+    scalars.update({f"eval_tokenizer/{k}": summary[k] for k in TENSORBOARD_CEILINGS})
+    writer.write_scalars(entry["n"], {k: v for k, v in scalars.items() if v is not None})
+  if summary["ssim_official_protocol"] is not None:
+    writer.write_scalars(summary["num_tokens"], {
+        "eval_tokenizer/ssim_official_protocol": summary["ssim_official_protocol"]})
+  writer.flush()
+
+
 def evaluate_tokenizer(config, workdir):
   """The eval_tokenizer job: metrics.json and curve.png in WORKDIR/eval_tokenizer."""
   tok_workdir = eval_common.resolve_workdir(config.eval.tokenizer_workdir, workdir,
                                             "eval.tokenizer_workdir")
-  return run_evaluation(config, tok_workdir, pathlib.Path(workdir) / OUTPUT_DIR)
+  return run_evaluation(config, tok_workdir, pathlib.Path(workdir) / OUTPUT_DIR, workdir)
 
 
 def evaluate_prefixes(tokenizer_workdir, out_dir, eval_overrides, data_cfg):
@@ -227,11 +260,12 @@ def evaluate_prefixes(tokenizer_workdir, out_dir, eval_overrides, data_cfg):
     raise ValueError(f"unknown tokenizer eval keys {unknown}; valid: {sorted(config.eval)}")
   config.eval.update(overrides)
   config.eval.tokenizer_workdir = str(tokenizer_workdir)
-  return run_evaluation(config, str(tokenizer_workdir), pathlib.Path(out_dir))
+  return run_evaluation(config, str(tokenizer_workdir), pathlib.Path(out_dir), out_dir)
 
 
-def run_evaluation(config, tok_workdir, out_dir):
-  """Evaluates the tokenizer of tok_workdir as config.eval says; returns the metrics payload."""
+def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
+  """Evaluates the tokenizer of tok_workdir as config.eval says; returns the metrics payload.
+  tensorboard_workdir: the scalars go to its tensorboard/ folder (None: no TensorBoard)."""
   eval_common.check_single_process("eval_tokenizer")
   e = config.eval
   tok_config, params, step = eval_common.load_tokenizer(tok_workdir, e.step, e.use_ema)
@@ -354,6 +388,8 @@ def run_evaluation(config, tok_workdir, out_dir):
   path = eval_common.write_json(pathlib.Path(out_dir) / "metrics.json", payload)
   tokenizer_report.plot_curves(per_n, pathlib.Path(out_dir) / "curve.png",
                                real_accuracy=summary["classifier_real_accuracy"])
+  if tensorboard_workdir is not None:
+    write_tensorboard(tensorboard_workdir, tensorboard_run(step, e.use_ema), per_n, summary)
   table = tokenizer_report.format_table(per_n, summary)
   print(f"eval_tokenizer:\n{table}\n{summary}\nwrote {path} and curve.png", flush=True)
   return payload

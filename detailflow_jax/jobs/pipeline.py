@@ -4,7 +4,8 @@ tokenizer/ (train) -> tokenizer_eval/ (PSNR per prefix) -> codes/ (extract) -> a
 samples/ (grid, strips, npz) -> judge/ (the fixed judge's accuracy and classifier FD of the
 samples; the judge is trained once and cached, eval/classifier_fd.py).
 Every stage resumes or is skipped when its output is complete, so rerunning the command after an
-interruption continues where it stopped.
+interruption continues where it stopped. The stages run in this process, not through main.py,
+so the pipeline writes each stage's config as the `config` text of its tensorboard/ folder.
 """
 import copy
 import json
@@ -12,6 +13,7 @@ import pathlib
 import time
 
 from detailflow_jax import tokenizer_loading
+from detailflow_jax.train import metrics_writer
 
 
 def _stage(name, fn):
@@ -37,6 +39,20 @@ def stage_configs(config, workdir):
   return dict(tokenizer=tokenizer, extract=extract, ar=ar, sample=sample)
 
 
+# stage_configs key -> the stage's sub-workdir.
+STAGE_DIRS = dict(tokenizer="tokenizer", extract="codes", ar="ar", sample="samples")
+
+
+def write_stage_configs(config, cfg, workdir):
+  """Each stage's config as text in its WORKDIR/<stage>/tensorboard (main.py writes the
+  pipeline's own in WORKDIR/tensorboard)."""
+  w = pathlib.Path(workdir)
+  for key, folder in STAGE_DIRS.items():
+    metrics_writer.write_config(w / folder, cfg[key])
+  if config.tokenizer_eval.num_images:
+    metrics_writer.write_config(w / "tokenizer_eval", config.tokenizer_eval)
+
+
 def run_pipeline(config, workdir):
   # Imported here: each stage pulls in its own models.
   from detailflow_jax.jobs import eval_tokenizer  # pylint: disable=g-import-not-at-top
@@ -50,6 +66,7 @@ def run_pipeline(config, workdir):
   w.mkdir(parents=True, exist_ok=True)
   tokenizer_loading.save_workdir_config(config, w)
   cfg = stage_configs(config, w)
+  write_stage_configs(config, cfg, w)
   start = time.perf_counter()
   _stage("train tokenizer", lambda: tokenizer_trainer.train_and_evaluate(cfg["tokenizer"], w / "tokenizer"))
   if config.tokenizer_eval.num_images:

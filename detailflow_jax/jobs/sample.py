@@ -3,7 +3,9 @@ ADM-style .npz (arr_0: uint8 NHWC, arr_1: labels).
 
 grid.png has one row per class, labelled with the class name (Fashion-MNIST) or index;
 coarse_to_fine.png has one row per class (its first sample) and one column per prefix length,
-labelled "n=..." and R(n). Both are upscaled x3 with nearest neighbour (labelled_grid.py)."""
+labelled "n=..." and R(n). Both are upscaled x3 with nearest neighbour (labelled_grid.py) and
+also written to WORKDIR/tensorboard as the images sample/grid and sample/coarse_to_fine at the
+GPT checkpoint's step, so successive checkpoints' samples line up on TensorBoard's step slider."""
 import json
 import pathlib
 import time
@@ -19,6 +21,7 @@ from detailflow_jax import images as image_io
 from detailflow_jax import labelled_grid
 from detailflow_jax import tokenizer_loading
 from detailflow_jax.data import fashion_mnist
+from detailflow_jax.train import metrics_writer
 
 STRIP_ROWS = 10
 
@@ -84,18 +87,20 @@ def strip_column_labels(tok_config, token_counts):
   return [f"n={n}\nR(n)={schedule.content_resolution(n)}" for n in token_counts]
 
 
-def write_outputs(out_dir, tokenizer, codes, labels, num_classes, per_class, row_names=None):
+def write_outputs(out_dir, tokenizer, codes, labels, num_classes, per_class, row_names=None,
+                  tensorboard_step=None):
   """samples.npz, grid.png (<= 10 samples per class, a labelled row per class) and
   coarse_to_fine.png (the first sample of each class, every prefix length). row_names: one per
-  class (default: the class indices)."""
+  class (default: the class indices). tensorboard_step: also write both pictures to
+  out_dir/tensorboard at that step (None: PNGs only)."""
   out_dir = pathlib.Path(out_dir)
   row_names = list(row_names) if row_names is not None else class_names("", num_classes)
   images = image_io.to_uint8(np.clip(decode_all(tokenizer, codes), -1, 1))
   np.savez(out_dir / "samples.npz", arr_0=images, arr_1=labels)
   cols = min(per_class, 10)
   rows_idx = [c * per_class + i for c in range(num_classes) for i in range(cols)]
-  image_io.save_png(labelled_grid.labelled_grid(images[rows_idx], num_classes, cols, row_names),
-                    out_dir / "grid.png")
+  grid = labelled_grid.labelled_grid(images[rows_idx], num_classes, cols, row_names)
+  image_io.save_png(grid, out_dir / "grid.png")
   # Coarse-to-fine: the first sample of each class decoded from its first n codes, every n.
   strip_classes = list(range(min(num_classes, STRIP_ROWS)))
   first = codes[[c * per_class for c in strip_classes]]
@@ -103,9 +108,13 @@ def write_outputs(out_dir, tokenizer, codes, labels, num_classes, per_class, row
   per_n = {n: image_io.to_uint8(np.clip(decode_all(tokenizer, first, n), -1, 1))
            for n in token_counts}
   strip_rows = [[per_n[n][i] for n in token_counts] for i in range(len(first))]
-  image_io.save_png(labelled_grid.labelled_strip(
+  strip = labelled_grid.labelled_strip(
       strip_rows, tokenizer.config.image_size, [row_names[c] for c in strip_classes],
-      strip_column_labels(tokenizer.config, token_counts)), out_dir / "coarse_to_fine.png")
+      strip_column_labels(tokenizer.config, token_counts))
+  image_io.save_png(strip, out_dir / "coarse_to_fine.png")
+  if tensorboard_step is not None:
+    metrics_writer.write_images(out_dir, tensorboard_step,
+                                {"sample/grid": grid, "sample/coarse_to_fine": strip})
   return images
 
 
@@ -121,8 +130,9 @@ def sample_job(config, workdir):
   out_dir = pathlib.Path(workdir)
   out_dir.mkdir(parents=True, exist_ok=True)
   names = class_names(tokenizer_data_source(s.tokenizer_workdir), num_classes)
+  gpt_step = tokenizer_loading.resolve_step(s.gpt_workdir)  # the checkpoint params were read from
   images = write_outputs(out_dir, params.tokenizer, codes, labels, num_classes, s.per_class,
-                         names)
+                         names, tensorboard_step=gpt_step)
   np.save(out_dir / "codes.npy", codes)
   (out_dir / "sample_settings.json").write_text(json.dumps(dict(
       settings, seed=s.seed, per_class=s.per_class, tokenizer_workdir=s.tokenizer_workdir,

@@ -1,5 +1,6 @@
 """Periodic coarse-to-fine strips: each row is one image decoded from its first n tokens, for
-every n in the token list (left to right), then the input."""
+every n in the token list (left to right), then the input. Each strip is a PNG in WORKDIR/images
+and the image `reconstructions/coarse_to_fine` at its step in WORKDIR/tensorboard."""
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -7,8 +8,10 @@ from jax.experimental import multihost_utils
 from detailflow_jax import detail
 from detailflow_jax import images as image_io
 from detailflow_jax.data import pipeline
+from detailflow_jax.train import metrics_writer
 
 NUM_EXAMPLES = 8
+TENSORBOARD_TAG = "reconstructions/coarse_to_fine"
 
 
 def prefix_reconstructions(model, params, images, schedule):
@@ -22,7 +25,8 @@ def prefix_reconstructions(model, params, images, schedule):
 
 
 class ReconstructionStrips:
-  """Hook writing WORKDIR/images/strip_<step>.png from a fixed batch of eval images."""
+  """Hook writing WORKDIR/images/strip_<step>.png (and the same image to TensorBoard) from a
+  fixed batch of eval images."""
 
   def __init__(self, config, objective, workdir):
     self.config = config
@@ -55,3 +59,4 @@ class ReconstructionStrips:
       rows.append(row + [image_io.to_uint8(images[i])])
     strip = image_io.coarse_to_fine_strip(rows, self.config.tokenizer.image_size)
     image_io.save_png(strip, f"{self.workdir}/images/strip_{step:07d}.png")
+    metrics_writer.write_images(self.workdir, step, {TENSORBOARD_TAG: strip})
