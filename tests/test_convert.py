@@ -7,6 +7,7 @@ import argparse
 import functools
 import json
 import pathlib
+import re
 import shutil
 import sys
 
@@ -16,7 +17,7 @@ import pytest
 import yaml
 from safetensors.numpy import save_file
 
-from conftest import max_relative_error
+from conftest import max_relative_error, parity_folders, parity_scale_name
 from detailflow_jax import api
 from detailflow_jax import config_defaults
 from detailflow_jax import convert
@@ -30,7 +31,6 @@ from detailflow_jax.models import gpt as gpt_lib
 from detailflow_jax.models import tokenizer as tokenizer_lib
 
 HIGHEST = jax.lax.Precision.HIGHEST
-PARITY_TOKENIZER_HEADS = ["encoder.num_heads=4", "decoder.num_heads=4"]
 
 
 def random_tree(shapes, seed):
@@ -172,10 +172,17 @@ def write_official_run(directory, model_args, train_args, state_dict, fmt="safet
   return directory
 
 
+def parity_tokenizer_heads(case):
+  """The --override flags naming the head counts of the fixture's custom towers."""
+  return [f"{tower}.num_heads={case.config[tower]['heads']}" for tower in ("encoder", "decoder")]
+
+
 def parity_tokenizer_run(case, directory, fmt="safetensors", state_dict=None):
   args = case.config["reference_model_args"]
+  # min_image_size: one decoder patch (the smallest decode), as in the fixture's tables.
   train_args = dict(vq_model="VQ-16", content_degradation="resolution_power", enc_type="siglip2",
-                    max_image_size=args["max_image_size"], min_image_size=8,
+                    max_image_size=args["max_image_size"],
+                    min_image_size=case.config["decoder"]["patch_size"],
                     num_latent_tokens=args["num_latent_tokens"], group_size=args["group_size"],
                     degradation_power=1.5)
   return write_official_run(directory, args, train_args,
@@ -192,7 +199,8 @@ def parity_gpt_run(case, directory, fmt="safetensors", state_dict=None):
 def imported_parity_tokenizer(parity_tokenizer, tmp_path_factory):
   root = tmp_path_factory.mktemp("parity_tokenizer")
   parity_tokenizer_run(parity_tokenizer, root / "official")
-  convert.from_official(root / "official", root / "workdir", overrides=PARITY_TOKENIZER_HEADS)
+  convert.from_official(root / "official", root / "workdir",
+                        overrides=parity_tokenizer_heads(parity_tokenizer))
   return root / "workdir"
 
 
@@ -225,17 +233,20 @@ def test_imported_official_gpt_reproduces_outputs(parity_gpt, tmp_path):
     error = max_relative_error(logits, io["train_logits"])
     print(f"imported official GPT {parity_gpt.folder.name}: logits max relative error", error)
     assert error <= 1e-4
-    if parity_gpt.folder.name == "gpt_a":   # one sampler compile is enough (same code path)
+    if parity_gpt.folder.name == parity_folders("gpt")[0]:   # one sampler compile is enough
+      greedy = parity_gpt.config["greedy"]
       codes = sampling.generate_codes(loaded.params, loaded.config, io["gen_labels"],
-                                      rng=jax.random.PRNGKey(0), cfg_scale=1.5, top_k=1)
-      np.testing.assert_array_equal(np.asarray(codes), io["greedy_cfg1p5_tokens"])
+                                      rng=jax.random.PRNGKey(0), cfg_scale=greedy["cfg_scale"],
+                                      top_k=greedy["top_k"])
+      np.testing.assert_array_equal(
+          np.asarray(codes), io[f"greedy_cfg{parity_scale_name(greedy['cfg_scale'])}_tokens"])
 
 
 def test_pt_and_safetensors_imports_agree(parity_tokenizer, imported_parity_tokenizer, tmp_path):
   pytest.importorskip("torch")
   parity_tokenizer_run(parity_tokenizer, tmp_path / "official", fmt="pt")
   convert.from_official(tmp_path / "official", tmp_path / "workdir",
-                        overrides=PARITY_TOKENIZER_HEADS)
+                        overrides=parity_tokenizer_heads(parity_tokenizer))
   assert_trees_identical(checkpoint_io.read_workdir(tmp_path / "workdir").params,
                          checkpoint_io.read_workdir(imported_parity_tokenizer).params)
 
@@ -291,7 +302,7 @@ def test_release_tokenizer_with_alignment_and_frozen_siglip(parity_tokenizer, tm
   sd = {f"module.{k}": v for k, v in sd.items()}   # a DDP-wrapped state dict
   parity_tokenizer_run(parity_tokenizer, tmp_path / "official", state_dict=sd)
   weights = convert.from_official(tmp_path / "official", tmp_path / "workdir",
-                                  overrides=PARITY_TOKENIZER_HEADS)
+                                  overrides=parity_tokenizer_heads(parity_tokenizer))
   np.testing.assert_array_equal(weights.params["align_mlp"]["layers_4"]["kernel"],
                                 sd["module.global_token_proj.4.weight"].T)
 
@@ -359,7 +370,8 @@ def test_wrong_model_file_is_a_clear_error(parity_tokenizer, exported_gpt, tmp_p
     path.unlink()
   shutil.copy(exported_gpt / "checkpoints" / "0000009.safetensors", run / "checkpoints")
   with pytest.raises(ValueError, match="holds a gpt state dict, but .* describe a tokenizer"):
-    convert.from_official(run, tmp_path / "workdir", overrides=PARITY_TOKENIZER_HEADS)
+    convert.from_official(run, tmp_path / "workdir",
+                          overrides=parity_tokenizer_heads(parity_tokenizer))
 
 
 def _edit_gpt_state_dict(exported_gpt, tmp_path, edit):
@@ -389,15 +401,21 @@ def test_gpt_tensor_errors_name_the_tensor(exported_gpt, tmp_path, edit, message
     (lambda sd: sd.pop("refine_conv.bias"), "missing 1 tensor.*refine_conv.bias"),
     (lambda sd: sd.update({"decoder.extra": np.zeros(3, np.float32)}),
      "unexpected tensor.*decoder.extra"),
-    (lambda sd: sd.update({"refine_conv.bias": np.zeros(5, np.float32)}),
-     r"tensor refine_conv.bias has shape \(5,\), this model expects \(64,\)"),
+    (lambda sd: sd.update({"refine_conv.bias": np.zeros(len(sd["refine_conv.bias"]) + 1,
+                                                        np.float32)}),
+     r"tensor refine_conv.bias has shape {wrong}, this model expects {expected}"),
 ])
 def test_tokenizer_tensor_errors_name_the_tensor(parity_tokenizer, tmp_path, edit, message):
   sd = dict(parity_tokenizer.state_dict)
+  expected = sd["refine_conv.bias"].shape   # shapes in the message: the fixture's, not literals
   edit(sd)
+  if "refine_conv.bias" in sd:
+    message = message.format(expected=re.escape(str(expected)),
+                             wrong=re.escape(str(sd["refine_conv.bias"].shape)))
   run = parity_tokenizer_run(parity_tokenizer, tmp_path / "official", state_dict=sd)
   with pytest.raises(ValueError, match=message):
-    convert.from_official(run, tmp_path / "workdir", overrides=PARITY_TOKENIZER_HEADS)
+    convert.from_official(run, tmp_path / "workdir",
+                          overrides=parity_tokenizer_heads(parity_tokenizer))
 
 
 def test_custom_tower_needs_its_head_count(parity_tokenizer, tmp_path):
