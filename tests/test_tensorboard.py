@@ -116,7 +116,6 @@ def fake_fmnist_dir(tmp_path_factory):
   return directory
 
 
-@pytest.mark.slow  # a training process: minutes on 2 busy cores
 def test_tokenizer_job_writes_config_and_strips(tmp_path, fake_fmnist_dir):
   """main.py writes the config text; the strips hook writes each strip at its step."""
   workdir = tmp_path / "run"
