@@ -5,9 +5,9 @@ runs the code extraction:
   --config=configs/ar_b.py --config.job=extract_codes --config.extract.tokenizer_workdir=TOK
       --config.data.codes_dir=CODES --workdir=WORKDIR
   --config=configs/ar_b.py --config.data.codes_dir=CODES --workdir=WORKDIR
-See config_defaults.imagenet_ar_config for the settings.
+See defaults.imagenet_ar_config for the settings.
 """
-from detailflow_jax import config_defaults as defaults
+from detailflow_jax.config import defaults
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ random clean or self-corrected sequence each time). Measured on one tokenizer (d
 800 at 3e-3 0.84.
 get_config("smoke") is a seconds-long variant for tests.
 """
-from detailflow_jax import config_defaults as defaults
+from detailflow_jax.config import defaults
 
 
 def tiny_gpt(num_layers, dim, num_heads):

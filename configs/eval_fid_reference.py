@@ -3,11 +3,11 @@
   python -m detailflow_jax.main --config=configs/eval_fid_reference.py \
       --workdir=workdirs/default/fid_reference [--config.eval.max_images_per_set=N]
 """
-from detailflow_jax import config_eval
+from detailflow_jax.config import eval_jobs
 
 
 def get_config(arg=None):
-  c = config_eval.eval_fid_reference_config()
+  c = eval_jobs.eval_fid_reference_config()
   c.data.source = "fashion_mnist"
   c.eval.image_size = 32
   if arg == "smoke":  # a few images, for tests

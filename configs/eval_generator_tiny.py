@@ -8,14 +8,14 @@ images (FID, sFID, precision, recall). Writes WORKDIR/eval_generator/<settings>/
 sampling.json and metrics.json. ImageNet settings: --config.eval.labels_per_class=50 (50,000
 samples) and --config.eval.reference=VIRTUAL_imagenet256_labeled.npz.
 """
-from detailflow_jax import config_eval
+from detailflow_jax.config import eval_jobs
 
 
 def get_config(arg=None):
-  c = config_eval.eval_generator_config()
+  c = eval_jobs.eval_generator_config()
   c.data.source = "fashion_mnist"
-  c.eval.gpt_workdir = config_eval.DEFAULT_AR_WORKDIR
-  c.eval.tokenizer_workdir = config_eval.DEFAULT_TOKENIZER_WORKDIR
+  c.eval.gpt_workdir = eval_jobs.DEFAULT_AR_WORKDIR
+  c.eval.tokenizer_workdir = eval_jobs.DEFAULT_TOKENIZER_WORKDIR
   c.eval.labels_per_class = 1000
   c.eval.num_samples = 0
   c.eval.seed = 0

@@ -9,13 +9,13 @@ the full image, LPIPS, rFID and codebook usage for every n of the token list, on
 images. rFID runs the Inception network once per n (12 passes of 10k images): use an
 accelerator, or --config.eval.fid_token_counts='(32,)' / --config.eval.compute_fid=False on a CPU.
 """
-from detailflow_jax import config_eval
+from detailflow_jax.config import eval_jobs
 
 
 def get_config(arg=None):
-  c = config_eval.eval_tokenizer_config()
+  c = eval_jobs.eval_tokenizer_config()
   c.data.source = "fashion_mnist"
-  c.eval.tokenizer_workdir = config_eval.DEFAULT_TOKENIZER_WORKDIR
+  c.eval.tokenizer_workdir = eval_jobs.DEFAULT_TOKENIZER_WORKDIR
   c.eval.split = "test"
   c.eval.num_images = 0
   c.eval.batch_size = 250

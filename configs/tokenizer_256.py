@@ -1,5 +1,5 @@
 """DetailFlow tokenizer with N = 256 tokens at 256 px (the paper's DetailFlow-32)."""
-from detailflow_jax import config_defaults as defaults
+from detailflow_jax.config import defaults
 
 
 def get_config(arg=None):

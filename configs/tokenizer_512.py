@@ -1,5 +1,5 @@
 """DetailFlow tokenizer with N = 512 tokens at 256 px (the paper's DetailFlow-64)."""
-from detailflow_jax import config_defaults as defaults
+from detailflow_jax.config import defaults
 
 
 def get_config(arg=None):

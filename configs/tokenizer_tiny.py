@@ -9,7 +9,7 @@ No pretrained files needed: no SigLIP2 alignment (it needs the user's SigLIP2 we
 configs/tokenizer_128.py). Without SigLIP2's encoder init the codebook collapses within the first
 hundred steps, so this config turns on dead-code restarts (code_reset, not in the paper).
 """
-from detailflow_jax import config_defaults as defaults
+from detailflow_jax.config import defaults
 
 
 def get_config(arg=None):

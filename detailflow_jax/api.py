@@ -14,7 +14,7 @@ import ml_collections
 
 from detailflow_jax import detail
 from detailflow_jax import sampling
-from detailflow_jax import tokenizer_loading
+from detailflow_jax import workdir_io
 from detailflow_jax.models import gpt as gpt_model
 from detailflow_jax.models import tokenizer as tokenizer_model
 
@@ -40,7 +40,7 @@ def tokenizer_params(params, config):
 
 def load_tokenizer(workdir, *, use_ema=False, step=None):
   """TokenizerParams from a tokenizer workdir (latest checkpoint unless `step`)."""
-  loaded = tokenizer_loading.load_tokenizer(workdir, use_ema=use_ema, step=step)
+  loaded = workdir_io.load_tokenizer(workdir, use_ema=use_ema, step=step)
   return tokenizer_params(jax.tree_util.tree_map(jnp.asarray, loaded.params), loaded.config)
 
 
@@ -50,11 +50,11 @@ def load_sampler_params(tokenizer_workdir, gpt_workdir, *, use_ema=None, step=No
   tokenizer = load_tokenizer(tokenizer_workdir)
   if use_ema is None:
     try:
-      loaded = tokenizer_loading.load_gpt(gpt_workdir, use_ema=True, step=step)
+      loaded = workdir_io.load_gpt(gpt_workdir, use_ema=True, step=step)
     except ValueError:
-      loaded = tokenizer_loading.load_gpt(gpt_workdir, use_ema=False, step=step)
+      loaded = workdir_io.load_gpt(gpt_workdir, use_ema=False, step=step)
   else:
-    loaded = tokenizer_loading.load_gpt(gpt_workdir, use_ema=use_ema, step=step)
+    loaded = workdir_io.load_gpt(gpt_workdir, use_ema=use_ema, step=step)
   check_pairing(tokenizer.config, loaded.config)
   return SamplerParams(tokenizer=tokenizer,
                        gpt=jax.tree_util.tree_map(jnp.asarray, loaded.params),

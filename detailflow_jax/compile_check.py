@@ -31,7 +31,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from detailflow_jax import config_keys
+from detailflow_jax.config import files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).")
 _DEVICES = flags.DEFINE_integer("devices", None, "Number of devices to simulate (the job's "
@@ -299,7 +299,7 @@ def main(argv):
 
 def run():
   try:
-    config_keys.check_overrides(sys.argv)
+    files.check_overrides(sys.argv)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -21,8 +21,8 @@ import jax
 import ml_collections
 import yaml
 
-from detailflow_jax import config_defaults
-from detailflow_jax import tokenizer_loading
+from detailflow_jax.config import defaults
+from detailflow_jax import workdir_io
 from detailflow_jax.interop import checkpoint_io
 from detailflow_jax.interop import gpt_state_dict
 from detailflow_jax.interop import official_config as config_lib
@@ -145,7 +145,7 @@ def _tokenizer_tree(state_dict, align_entry, config):
 
 
 def _check_pairing(gpt_config, tokenizer_workdir):
-  tok = tokenizer_loading.load_workdir_config(tokenizer_workdir)
+  tok = workdir_io.load_workdir_config(tokenizer_workdir)
   if "tokenizer" not in tok:
     raise ValueError(f"--tokenizer-workdir {tokenizer_workdir} is not a tokenizer workdir")
   t = tok.tokenizer
@@ -189,7 +189,7 @@ def official_to_weights(run, *, use_ema=False, overrides=(), tokenizer_workdir=N
     params = _tokenizer_tree(state_dicts[wanted], align_entry, model_config)
     ema = (_tokenizer_tree(ema_sd, state_dicts.get(run_lib.ALIGN_EMA), model_config)
            if ema_sd else {})
-    config = config_defaults.tokenizer_training_config()
+    config = defaults.tokenizer_training_config()
     config.tokenizer = model_config
   else:
     fields = config_lib.gpt_config_from_official(run.model_args, run.train_args)
@@ -197,7 +197,7 @@ def official_to_weights(run, *, use_ema=False, overrides=(), tokenizer_workdir=N
     gpt_config = gpt_lib.GPTConfig.from_dict(fields)
     params = gpt_state_dict.gpt_params_from_state_dict(state_dicts[wanted], gpt_config)
     ema = gpt_state_dict.gpt_params_from_state_dict(ema_sd, gpt_config) if ema_sd else {}
-    config = config_defaults.ar_training_config()
+    config = defaults.ar_training_config()
     config.gpt = ml_collections.ConfigDict(gpt_config.to_dict())
     if tokenizer_workdir:
       _check_pairing(gpt_config, tokenizer_workdir)

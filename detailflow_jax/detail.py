@@ -137,7 +137,7 @@ class ResolutionSchedule:
 
   @classmethod
   def from_config(cls, tokenizer_cfg):
-    """From the `tokenizer` ConfigDict of config_defaults (encoder/decoder sub-configs)."""
+    """From the `tokenizer` ConfigDict of config.defaults (encoder/decoder sub-configs)."""
     return cls(
         image_size=tokenizer_cfg.image_size, num_tokens=tokenizer_cfg.num_tokens,
         group_size=tokenizer_cfg.group_size, causal_num=tokenizer_cfg.causal_num,

@@ -15,7 +15,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from detailflow_jax import compilation_cache
-from detailflow_jax import config_keys
+from detailflow_jax.config import files
 from detailflow_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).")
@@ -116,7 +116,7 @@ def main(argv):
 
 def run():
   try:
-    config_keys.check_overrides(sys.argv)
+    files.check_overrides(sys.argv)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

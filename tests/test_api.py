@@ -6,7 +6,7 @@ import pytest
 
 import detailflow_jax as dfj
 from detailflow_jax import detail
-from detailflow_jax.config_keys import load_config_file
+from detailflow_jax.config.files import load_config_file
 from detailflow_jax.models import gpt as gpt_model
 from detailflow_jax.models import tokenizer as tokenizer_model
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from detailflow_jax import tokenizer_loading
-from detailflow_jax.config_keys import load_config_file
+from detailflow_jax import workdir_io
+from detailflow_jax.config.files import load_config_file
 from detailflow_jax.data import codes
 from detailflow_jax.jobs import extract_codes
 from detailflow_jax.train import ar_objective
@@ -130,14 +130,14 @@ def test_ema_follows_the_params(straight_run, codes_dir):
 
 def test_workdir_config_and_load_gpt(straight_run):
   workdir = straight_run["workdir"]
-  loaded = tokenizer_loading.load_gpt(workdir)
+  loaded = workdir_io.load_gpt(workdir)
   assert loaded.step == 4 and loaded.config.block_size == N and loaded.config.vocab_size == CODEBOOK
   for a, b in zip(leaves(loaded.params), leaves(straight_run["state"].params)):
     np.testing.assert_array_equal(a, b)
-  ema = tokenizer_loading.load_gpt(workdir, use_ema=True)
+  ema = workdir_io.load_gpt(workdir, use_ema=True)
   for a, b in zip(leaves(ema.params), leaves(straight_run["state"].ema_params)):
     np.testing.assert_array_equal(a, b)
-  assert tokenizer_loading.load_workdir_config(workdir).job == "train_ar"
+  assert workdir_io.load_workdir_config(workdir).job == "train_ar"
 
 
 def test_group_accuracies():

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detailflow_jax import config_defaults
-from detailflow_jax import config_keys
+from detailflow_jax.config import defaults
+from detailflow_jax.config import files
 from detailflow_jax import detail
 from detailflow_jax.data import pipeline
 from detailflow_jax.interop import gpt_state_dict
@@ -46,7 +46,7 @@ SMOKE = runs.SMOKE
 
 def test_unknown_config_key_names_it_and_lists_valid_keys():
   with pytest.raises(ValueError) as error:
-    config_keys.check_overrides(["main.py", f"--config={SMOKE}", "--config.mesh.fdsp=4",
+    files.check_overrides(["main.py", f"--config={SMOKE}", "--config.mesh.fdsp=4",
                                  "--config.train.num_steps=3"])
   message = str(error.value)
   assert message.startswith("Unknown config key(s): mesh.fdsp (in ")
@@ -54,7 +54,7 @@ def test_unknown_config_key_names_it_and_lists_valid_keys():
 
 
 def test_group_size_not_dividing_the_token_count():
-  tok = config_defaults.tokenizer_model_config()
+  tok = defaults.tokenizer_model_config()
   tok.num_tokens, tok.group_size = 130, 8
   with pytest.raises(ValueError, match="num_tokens=130 must be a positive multiple of "
                                        "group_size=8"):
@@ -191,7 +191,7 @@ def folder_with_truncated_image(tmp_path_factory):
 
 
 def _folder_config(root, skip):
-  c = config_defaults.tokenizer_training_config()
+  c = defaults.tokenizer_training_config()
   t = c.tokenizer
   t.image_size, t.num_tokens, t.group_size, t.causal_num, t.min_decoder_size = 32, 16, 4, 4, 8
   t.encoder.patch_size = t.decoder.patch_size = 8

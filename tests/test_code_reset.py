@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detailflow_jax import config_defaults
+from detailflow_jax.config import defaults
 from detailflow_jax.models import quantizer
 from detailflow_jax.train import code_reset
 
@@ -11,7 +11,7 @@ K, D = 16, 4
 
 
 def _setup(every=5):
-  cfg = config_defaults.code_reset_config()
+  cfg = defaults.code_reset_config()
   cfg.every = every
   codebook = quantizer.codebook_init(jax.random.PRNGKey(0), (K, D))
   latents = quantizer.l2_normalize(jax.random.normal(jax.random.PRNGKey(1), (2, 8, D)))

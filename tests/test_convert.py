@@ -19,10 +19,10 @@ from safetensors.numpy import save_file
 
 from conftest import max_relative_error, parity_folders, parity_scale_name
 from detailflow_jax import api
-from detailflow_jax import config_defaults
+from detailflow_jax.config import defaults
 from detailflow_jax import convert
 from detailflow_jax import sampling
-from detailflow_jax import tokenizer_loading
+from detailflow_jax import workdir_io
 from detailflow_jax.interop import checkpoint_io
 from detailflow_jax.interop import official_config as config_lib
 from detailflow_jax.interop import official_run
@@ -50,12 +50,12 @@ def assert_trees_identical(actual, expected):
 
 
 def small_tokenizer_config():
-  c = config_defaults.tokenizer_training_config()
+  c = defaults.tokenizer_training_config()
   t = c.tokenizer
   t.image_size, t.num_tokens, t.group_size, t.causal_num = 16, 8, 4, 4
   t.codebook_size, t.codebook_dim, t.min_decoder_size = 64, 8, 8
-  t.encoder = config_defaults.vit_config(16, 1, 2, 64, 4, 4)
-  t.decoder = config_defaults.vit_config(16, 1, 2, 64, 4, 4)
+  t.encoder = defaults.vit_config(16, 1, 2, 64, 4, 4)
+  t.decoder = defaults.vit_config(16, 1, 2, 64, 4, 4)
   c.loss.align_weight = 1.0
   c.train.ema_decay = 0.999
   return c
@@ -63,7 +63,7 @@ def small_tokenizer_config():
 
 def small_gpt_config():
   """A GPT that predicts the codes of small_tokenizer_config (N=8, g=c=4, 64 codes)."""
-  c = config_defaults.ar_training_config("B")
+  c = defaults.ar_training_config("B")
   c.gpt.update(dict(vocab_size=64, num_layers=1, dim=16, num_heads=2, num_classes=3,
                     block_size=8, group_size=4, causal_num=4))
   return c
@@ -129,7 +129,7 @@ def test_sample_runs_on_imported_pair(workdirs, tmp_path):
   convert.from_official(tmp_path / "official_tokenizer", tmp_path / "tok")
   convert.from_official(tmp_path / "official_gpt", tmp_path / "ar",
                         tokenizer_workdir=tmp_path / "tok")
-  config = tokenizer_loading.load_workdir_config(tmp_path / "ar")
+  config = workdir_io.load_workdir_config(tmp_path / "ar")
   assert config.extract.tokenizer_workdir == str((tmp_path / "tok").absolute())
   labels = np.array([0, 2])
   imported = api.sample(api.load_sampler_params(tmp_path / "tok", tmp_path / "ar"), labels,
@@ -207,7 +207,7 @@ def imported_parity_tokenizer(parity_tokenizer, tmp_path_factory):
 def test_imported_official_tokenizer_reproduces_outputs(parity_tokenizer,
                                                         imported_parity_tokenizer):
   io, cfg = parity_tokenizer.io, parity_tokenizer.config
-  loaded = tokenizer_loading.load_tokenizer(imported_parity_tokenizer)
+  loaded = workdir_io.load_tokenizer(imported_parity_tokenizer)
   model = tokenizer_lib.DetailFlowTokenizer(loaded.config, precision=HIGHEST)
   variables = {"params": loaded.params}
   encoded = jax.jit(lambda x: model.apply(variables, x, method="encode"))(
@@ -225,7 +225,7 @@ def test_imported_official_tokenizer_reproduces_outputs(parity_tokenizer,
 def test_imported_official_gpt_reproduces_outputs(parity_gpt, tmp_path):
   parity_gpt_run(parity_gpt, tmp_path / "official")
   convert.from_official(tmp_path / "official", tmp_path / "workdir")
-  loaded = tokenizer_loading.load_gpt(tmp_path / "workdir")
+  loaded = workdir_io.load_gpt(tmp_path / "workdir")
   io = parity_gpt.io
   with jax.default_matmul_precision("highest"):
     logits = jax.jit(lambda c, l: gpt_lib.GPT(loaded.config).apply(
@@ -315,7 +315,7 @@ def _zeros_like_shapes(shapes):
 def test_release_sized_runs_are_understood():
   """The released DetailFlow-16 layout (SigLIP2 so400m encoder layers, ViT-B decoder, GPT-L):
   sizes and head counts come from the official names and the tensor shapes alone."""
-  tok_config = config_defaults.tokenizer_model_config()
+  tok_config = defaults.tokenizer_model_config()
   shapes = tokenizer_lib.param_shapes(tok_config)
   sd_shapes = {key: (tuple(reversed(leaf.shape)) if transpose else leaf.shape)
                for key, path, transpose in tokenizer_state_dict.tokenizer_key_map(tok_config)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fake_fashion_mnist import write_fake_fashion_mnist
 
-from detailflow_jax import config_defaults
+from detailflow_jax.config import defaults
 from detailflow_jax import detail
 from detailflow_jax.data import degrade
 from detailflow_jax.data import pipeline
@@ -19,7 +19,7 @@ NUM_TRAIN, NUM_TEST = 40, 10
 def config(tmp_path_factory):
   directory = tmp_path_factory.mktemp("fmnist")
   write_fake_fashion_mnist(directory, num_train=NUM_TRAIN, num_test=NUM_TEST)
-  c = config_defaults.tokenizer_training_config()
+  c = defaults.tokenizer_training_config()
   t = c.tokenizer
   t.image_size, t.num_tokens, t.group_size, t.causal_num, t.min_decoder_size = 32, 16, 4, 4, 8
   t.encoder.patch_size = t.decoder.patch_size = 8

@@ -8,7 +8,7 @@ import pytest
 from fake_fashion_mnist import write_fake_fashion_mnist
 from PIL import Image
 
-from detailflow_jax import config_defaults
+from detailflow_jax.config import defaults
 from detailflow_jax.data import fashion_mnist
 from detailflow_jax.data import image_folder
 from detailflow_jax.data import sources
@@ -47,7 +47,7 @@ def test_fashion_mnist_pickles_without_arrays(fake_fmnist):
   np.testing.assert_array_equal(clone[0]["image"], first["image"])
 
 
-@pytest.mark.skipif(not pathlib.Path(config_defaults.FASHION_MNIST_DIR).is_dir(),
+@pytest.mark.skipif(not pathlib.Path(defaults.FASHION_MNIST_DIR).is_dir(),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_files():
   train = fashion_mnist.FashionMNISTSource(split="train")
@@ -122,7 +122,7 @@ def test_image_folder_errors(folder, tmp_path_factory):
 
 
 def test_make_source_dispatch(fake_fmnist, folder):
-  data = config_defaults.data_config()
+  data = defaults.data_config()
   data.fashion_mnist_dir = str(fake_fmnist[0])
   assert isinstance(sources.make_source(data, "test"), fashion_mnist.FashionMNISTSource)
   assert sources.num_classes(data) == 10

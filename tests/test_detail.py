@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from detailflow_jax import config_defaults
+from detailflow_jax.config import defaults
 from detailflow_jax import detail
 from tests.conftest import parity_params
 
@@ -46,7 +46,7 @@ def test_tables_equal_official(official_tables, key):
 
 
 def test_paper_config_from_config():
-  schedule = detail.ResolutionSchedule.from_config(config_defaults.tokenizer_model_config())
+  schedule = detail.ResolutionSchedule.from_config(defaults.tokenizer_model_config())
   # The digest's N=128 mapping (n: content / decoder side).
   expected = {1: (1, 16), 8: (21, 32), 16: (44, 48), 24: (67, 80), 32: (88, 96),
               48: (128, 128), 64: (164, 176), 80: (196, 208), 96: (223, 224), 128: (256, 256)}
@@ -56,7 +56,7 @@ def test_paper_config_from_config():
                                      256)
   assert schedule.decoder_size(13) == 48  # off token_list: same rule, R(13)=36 -> 48
   assert hash(schedule) == hash(detail.ResolutionSchedule.from_config(
-      config_defaults.tokenizer_model_config()))
+      defaults.tokenizer_model_config()))
 
 
 def test_snap_to_patch_rounding_down_branch():
@@ -89,7 +89,7 @@ def test_content_resolution_range_error():
   with pytest.raises(ValueError, match=r"n=0 must be in \[1, num_tokens=128\]"):
     detail.content_resolution(0, 256, 128, 1.5)
   with pytest.raises(ValueError, match=r"n=129"):
-    schedule = detail.ResolutionSchedule.from_config(config_defaults.tokenizer_model_config())
+    schedule = detail.ResolutionSchedule.from_config(defaults.tokenizer_model_config())
     schedule.decoder_size(129)
 
 
@@ -159,7 +159,7 @@ def test_gpt_mask_matches_official(parity_gpt):
 
 
 def test_from_config_reads_tiny_layout():
-  tok = config_defaults.tokenizer_model_config()
+  tok = defaults.tokenizer_model_config()
   tok.update(ml_collections.ConfigDict(dict(image_size=32, num_tokens=16, group_size=4,
                                             causal_num=4, min_decoder_size=8)))
   tok.encoder.patch_size = tok.decoder.patch_size = 8

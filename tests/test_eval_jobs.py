@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detailflow_jax import config_keys
+from detailflow_jax.config import files
 from detailflow_jax import detail
 from detailflow_jax.eval import fid as fid_lib
 from detailflow_jax.eval import plots
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Matrix is singular")
 
 
 def load_config(name):
-  return config_keys.load_config_file(str(REPO_ROOT / "configs" / name))
+  return files.load_config_file(str(REPO_ROOT / "configs" / name))
 
 
 class FakeExtractor:
@@ -112,8 +112,8 @@ def gpt_workdir(tmp_path_factory, tokenizer_workdir):
   t = tok_config.tokenizer
   config = load_config("ar_tiny.py") if (REPO_ROOT / "configs" / "ar_tiny.py").exists() else None
   if config is None or "gpt" not in config:
-    from detailflow_jax import config_defaults  # pylint: disable=g-import-not-at-top
-    config = config_defaults.ar_training_config("B")
+    from detailflow_jax.config import defaults  # pylint: disable=g-import-not-at-top
+    config = defaults.ar_training_config("B")
   g = config.gpt
   g.vocab_size, g.block_size = t.codebook_size, t.num_tokens
   g.group_size, g.causal_num, g.num_classes = t.group_size, t.causal_num, 10

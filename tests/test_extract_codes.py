@@ -1,4 +1,4 @@
-"""Code extraction (jobs/extract_codes.py), workdir loading (tokenizer_loading.py) and the AR
+"""Code extraction (jobs/extract_codes.py), workdir loading (workdir_io.py) and the AR
 code pipeline (data/codes.py)."""
 import json
 import os
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from detailflow_jax import detail
-from detailflow_jax import tokenizer_loading
-from detailflow_jax.config_keys import load_config_file
+from detailflow_jax import workdir_io
+from detailflow_jax.config.files import load_config_file
 from detailflow_jax.data import codes
 from detailflow_jax.data import fashion_mnist
 from detailflow_jax.data import transforms
@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
   ckpt = checkpoints.Checkpointer(tok_dir)
   ckpt.save(3, {"step": np.int32(3), "params": {"tokenizer": params}, "ema_params": {}}, {})
   ckpt.close()
-  tokenizer_loading.save_workdir_config(tok_config, tok_dir)
+  workdir_io.save_workdir_config(tok_config, tok_dir)
 
   config = ar_config(tok_dir, fmnist, root / "codes")
   summary = extract_codes.extract_codes(config, str(root / "work"))
@@ -82,7 +82,7 @@ def test_manifest_shapes_and_labels(setup):
   for name in ("manifest.json", "codes_00000.npy"):
     assert stat.S_IMODE((setup["codes_dir"] / name).stat().st_mode) == 0o666 & ~umask
   # The job saved its config beside its outputs.
-  saved = tokenizer_loading.load_workdir_config(setup["root"] / "work")
+  saved = workdir_io.load_workdir_config(setup["root"] / "work")
   assert saved.job == "train_ar" and saved.extract.tokenizer_workdir == str(setup["tok_dir"])
 
 
@@ -174,17 +174,17 @@ def test_ten_crop_views():
 
 
 def test_load_tokenizer_and_its_errors(setup, tmp_path):
-  loaded = tokenizer_loading.load_tokenizer(setup["tok_dir"])
+  loaded = workdir_io.load_tokenizer(setup["tok_dir"])
   assert loaded.step == 3 and loaded.config.num_tokens == 32
   for a, b in zip(jax.tree_util.tree_leaves(loaded.params),
                   jax.tree_util.tree_leaves(setup["params"])):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="no EMA weights"):
-    tokenizer_loading.load_tokenizer(setup["tok_dir"], use_ema=True)
+    workdir_io.load_tokenizer(setup["tok_dir"], use_ema=True)
   with pytest.raises(ValueError, match=r"step=5 has no checkpoint .* available steps: \[3\]"):
-    tokenizer_loading.load_tokenizer(setup["tok_dir"], step=5)
+    workdir_io.load_tokenizer(setup["tok_dir"], step=5)
   with pytest.raises(ValueError, match="config.json not found"):
-    tokenizer_loading.load_tokenizer(tmp_path)
+    workdir_io.load_tokenizer(tmp_path)
 
 
 def test_ar_samples_follow_the_reference_sequences(setup):

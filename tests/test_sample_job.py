@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from detailflow_jax import api
-from detailflow_jax import config_keys
+from detailflow_jax.config import files
 from detailflow_jax import detail
 from detailflow_jax import labelled_grid
-from detailflow_jax import tokenizer_loading
+from detailflow_jax import workdir_io
 from detailflow_jax.data import fashion_mnist
 from detailflow_jax.jobs import sample
 from detailflow_jax.models import tokenizer as tokenizer_model
@@ -81,15 +81,15 @@ def test_class_names():
 
 
 def test_tokenizer_data_source(tmp_path):
-  config = config_keys.load_config_file(str(REPO_ROOT / "configs" / "tokenizer_tiny.py:smoke"))
-  tokenizer_loading.save_workdir_config(config, tmp_path)
+  config = files.load_config_file(str(REPO_ROOT / "configs" / "tokenizer_tiny.py:smoke"))
+  workdir_io.save_workdir_config(config, tmp_path)
   assert sample.tokenizer_data_source(tmp_path) == "fashion_mnist"
   assert sample.tokenizer_data_source(tmp_path / "missing") == ""
 
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-  config = config_keys.load_config_file(str(REPO_ROOT / "configs" / "tokenizer_tiny.py:smoke"))
+  config = files.load_config_file(str(REPO_ROOT / "configs" / "tokenizer_tiny.py:smoke"))
   config.tokenizer.num_tokens = 8  # prefix lengths 1, 2, 3, 4, 8: few compiled decodes
   params = tokenizer_model.init_params(config.tokenizer, jax.random.PRNGKey(0))
   return api.tokenizer_params(params, config.tokenizer)

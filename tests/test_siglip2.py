@@ -191,7 +191,7 @@ def test_missing_and_wrong_files(tmp_path):
 
 
 def test_feature_model_and_full_tokenizer_init(weight_paths, monkeypatch):
-  from detailflow_jax import config_defaults
+  from detailflow_jax.config import defaults
   from detailflow_jax.models import tokenizer as tokenizer_lib
   sd, paths = weight_paths
   model = siglip2.load_feature_model(paths["bv"], num_heads=HEADS)
@@ -200,7 +200,7 @@ def test_feature_model_and_full_tokenizer_init(weight_paths, monkeypatch):
   np.testing.assert_allclose(jax.jit(model.features)(model.params, images)[0],
                              numpy_tower(sd, images, True)[0], rtol=1e-4, atol=1e-4)
 
-  cfg = config_defaults.tokenizer_model_config()
+  cfg = defaults.tokenizer_model_config()
   cfg.image_size, cfg.num_tokens, cfg.codebook_size = 16, 16, 64
   cfg.encoder.update(width=WIDTH, depth=2, num_heads=HEADS, mlp_dim=MLP, patch_size=PATCH,
                      pos_grid=GRID)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from detailflow_jax import api
-from detailflow_jax import config_keys
+from detailflow_jax.config import files
 from detailflow_jax.jobs import eval_generator
 from detailflow_jax.jobs import eval_tokenizer
 from detailflow_jax.jobs import pipeline
@@ -137,7 +137,7 @@ def test_tokenizer_job_writes_config_and_strips(tmp_path, fake_fmnist_dir):
 
 
 def test_sample_outputs_go_to_tensorboard(tmp_path):
-  config = config_keys.load_config_file(str(REPO / "configs" / "tokenizer_tiny.py:smoke"))
+  config = files.load_config_file(str(REPO / "configs" / "tokenizer_tiny.py:smoke"))
   config.tokenizer.num_tokens = 8
   tokenizer = api.tokenizer_params(
       tokenizer_model.init_params(config.tokenizer, jax.random.PRNGKey(0)), config.tokenizer)
@@ -190,7 +190,7 @@ def test_eval_generator_metrics_at_the_gpt_step(tmp_path):
 
 
 def test_pipeline_writes_each_stage_config(tmp_path):
-  config = config_keys.load_config_file(str(REPO / "configs" / "default.py:smoke"))
+  config = files.load_config_file(str(REPO / "configs" / "default.py:smoke"))
   cfg = pipeline.stage_configs(config, tmp_path)
   pipeline.write_stage_configs(config, cfg, tmp_path)
   for key, folder in pipeline.STAGE_DIRS.items():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detailflow_jax import config_defaults
+from detailflow_jax.config import defaults
 from detailflow_jax import detail
 from detailflow_jax.interop import tokenizer_state_dict as sd_lib
 from detailflow_jax.models import tokenizer as tokenizer_lib
@@ -18,7 +18,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 def config_from_parity(cfg):
   """The `tokenizer` ConfigDict of the official tiny model described by config.json."""
-  c = config_defaults.tokenizer_model_config()
+  c = defaults.tokenizer_model_config()
   c.image_size = cfg["image_size"]
   c.num_tokens = cfg["num_latent_tokens"]
   c.group_size = cfg["group_size"]
@@ -28,7 +28,7 @@ def config_from_parity(cfg):
   c.commitment_beta = cfg["reference_model_args"]["commit_loss_beta"]
   for tower in ("encoder", "decoder"):
     t = cfg[tower]
-    c[tower] = config_defaults.vit_config(t["width"], t["layers"], t["heads"], t["mlp"],
+    c[tower] = defaults.vit_config(t["width"], t["layers"], t["heads"], t["mlp"],
                                           t["patch_size"], cfg["pos_emb_grid"])
     c[tower].layer_norm_eps = cfg["layer_norm_eps"]
   return c

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from detailflow_jax.config_keys import load_config_file
+from detailflow_jax.config.files import load_config_file
 from detailflow_jax.train import checkpoints
 from detailflow_jax.train import tokenizer_trainer
 

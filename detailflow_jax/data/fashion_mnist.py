@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from detailflow_jax.config_defaults import FASHION_MNIST_DIR as DEFAULT_DIR
+from detailflow_jax.config.defaults import FASHION_MNIST_DIR as DEFAULT_DIR
 
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",

@@ -29,7 +29,7 @@ import numpy as np
 from flax import traverse_util
 from scipy import linalg
 
-from detailflow_jax.config_defaults import FASHION_MNIST_DIR
+from detailflow_jax.config.defaults import FASHION_MNIST_DIR
 from detailflow_jax.data import degrade
 from detailflow_jax.data import fashion_mnist
 from detailflow_jax.eval import fid as fid_lib

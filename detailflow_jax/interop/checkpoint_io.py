@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from detailflow_jax import tokenizer_loading
+from detailflow_jax import workdir_io
 from detailflow_jax.train import checkpoints
 
 TOKENIZER, GPT = "tokenizer", "gpt"
@@ -58,17 +58,17 @@ def _is_empty(tree):
 
 def read_workdir(workdir, step: Optional[int] = None) -> WorkdirWeights:
   """The params and EMA params of a workdir's checkpoint (latest unless `step`)."""
-  config = tokenizer_loading.load_workdir_config(workdir)
+  config = workdir_io.load_workdir_config(workdir)
   kind = workdir_kind(config)
-  step = tokenizer_loading.resolve_step(workdir, step)
-  metadata = tokenizer_loading.state_metadata(workdir, step)
+  step = workdir_io.resolve_step(workdir, step)
+  metadata = workdir_io.state_metadata(workdir, step)
   if not isinstance(metadata, dict) or "params" not in metadata:
     raise ValueError(f"the state of step {step} in {workdir} has no 'params' "
                      f"(found {sorted(metadata) if isinstance(metadata, dict) else metadata})")
-  params, _ = tokenizer_loading.restore_state_subtree(workdir, ("params",), step)
+  params, _ = workdir_io.restore_state_subtree(workdir, ("params",), step)
   ema = {}
   if not _is_empty(metadata.get("ema_params", {})):
-    ema, _ = tokenizer_loading.restore_state_subtree(workdir, ("ema_params",), step)
+    ema, _ = workdir_io.restore_state_subtree(workdir, ("ema_params",), step)
   if kind == TOKENIZER and "tokenizer" not in params:
     raise ValueError(f"the tokenizer checkpoint of step {step} in {workdir} has no "
                      f"params/tokenizer (found {sorted(params)})")
@@ -83,13 +83,13 @@ def write_workdir(workdir, config, params, ema_params, step) -> pathlib.Path:
   """Writes config.json and an orbax checkpoint {step, params, ema_params} at `step`.
 
   Refuses a workdir that already has checkpoints: an import never mixes with another run."""
-  existing = tokenizer_loading.checkpoint_steps(workdir)
+  existing = workdir_io.checkpoint_steps(workdir)
   if existing:
     raise ValueError(f"{workdir} already holds checkpoints {existing}; import into an empty "
                      "--workdir")
   if not isinstance(config, ml_collections.ConfigDict):
     config = ml_collections.ConfigDict(config)
-  tokenizer_loading.save_workdir_config(config, workdir)
+  workdir_io.save_workdir_config(config, workdir)
   state = {"step": np.asarray(step, np.int32), "params": _as_numpy(params),
            "ema_params": _as_numpy(ema_params) if ema_params else {}}
   checkpointer = checkpoints.Checkpointer(workdir, keep=1)
@@ -97,4 +97,4 @@ def write_workdir(workdir, config, params, ema_params, step) -> pathlib.Path:
     checkpointer.save(int(step), state, {"imported": True})
   finally:
     checkpointer.close()
-  return pathlib.Path(workdir) / tokenizer_loading.CHECKPOINTS_DIR / str(int(step))
+  return pathlib.Path(workdir) / workdir_io.CHECKPOINTS_DIR / str(int(step))

@@ -16,7 +16,7 @@ import re
 import ml_collections
 import numpy as np
 
-from detailflow_jax import config_defaults
+from detailflow_jax.config import defaults
 from detailflow_jax.interop import gpt_state_dict
 from detailflow_jax.models import gpt_config as gpt_lib
 
@@ -207,7 +207,7 @@ def tokenizer_config_from_official(model_args, train_args, state_dict):
                           ("repa", (False,)), ("causal_encoder", (True,)),
                           ("causal_decoder", (False,))):
     _check_supported(model_args, name, supported)
-  c = config_defaults.tokenizer_model_config()
+  c = defaults.tokenizer_model_config()
   saved = train_args.get(JAX_CONFIG_KEY) or {}
   for key, value in saved.items():
     if key in c:

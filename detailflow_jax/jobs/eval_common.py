@@ -1,4 +1,4 @@
-"""What the evaluation jobs share: trained models from workdirs (through tokenizer_loading),
+"""What the evaluation jobs share: trained models from workdirs (through workdir_io),
 Inception features, real-image batches from the data sources, the device mesh, and result files
 that carry their settings.
 """
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from detailflow_jax import tokenizer_loading
+from detailflow_jax import workdir_io
 from detailflow_jax.data import sources
 from detailflow_jax.data import transforms
 from detailflow_jax.eval import fid as fid_lib
@@ -44,16 +44,16 @@ def _step(step):
 
 def load_tokenizer(workdir, step=-1, use_ema=False):
   """(tokenizer ConfigDict, numpy params, step) of a tokenizer workdir; step -1: the latest."""
-  loaded = tokenizer_loading.load_tokenizer(workdir, use_ema=use_ema, step=_step(step))
+  loaded = workdir_io.load_tokenizer(workdir, use_ema=use_ema, step=_step(step))
   logging.info("tokenizer from %s step %d (ema %s)", workdir, loaded.step, use_ema)
   return loaded.config, loaded.params, loaded.step
 
 
 def load_gpt(workdir, step=-1, use_ema=True):
   """(GPTConfig, numpy params, step, the run's config) of an AR workdir; step -1: the latest."""
-  loaded = tokenizer_loading.load_gpt(workdir, use_ema=use_ema, step=_step(step))
+  loaded = workdir_io.load_gpt(workdir, use_ema=use_ema, step=_step(step))
   logging.info("GPT from %s step %d (ema %s)", workdir, loaded.step, use_ema)
-  return loaded.config, loaded.params, loaded.step, tokenizer_loading.load_workdir_config(workdir)
+  return loaded.config, loaded.params, loaded.step, workdir_io.load_workdir_config(workdir)
 
 
 PROGRESS_SECONDS = 60  # an Inception pass over 10k images takes many minutes on a CPU

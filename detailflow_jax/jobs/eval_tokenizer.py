@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from detailflow_jax import config_eval
+from detailflow_jax.config import eval_jobs
 from detailflow_jax import detail
 from detailflow_jax import images as image_io
 from detailflow_jax.data import degrade
@@ -250,7 +250,7 @@ def evaluate_prefixes(tokenizer_workdir, out_dir, eval_overrides, data_cfg):
   without rFID and LPIPS unless asked for (the pipeline's quick check). eval_overrides: keys of
   the eval section to change (e.g. num_images, batch_size, split, use_ema, compute_classifier,
   judge_epochs). Writes out_dir/metrics.json and curve.png."""
-  config = config_eval.eval_tokenizer_config()
+  config = eval_jobs.eval_tokenizer_config()
   config.data = data_cfg
   config.eval.compute_fid = False
   config.eval.compute_lpips = False

@@ -29,7 +29,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from detailflow_jax import detail
-from detailflow_jax import tokenizer_loading
+from detailflow_jax import workdir_io
 from detailflow_jax.data import codes as codes_format
 from detailflow_jax.data import sources
 from detailflow_jax.data import transforms
@@ -160,7 +160,7 @@ def _compiled_encoder(tokenizer_config_json, seed, device_ids):
 
 def save_npy_atomically(path, array):
   """np.save through a temporary file in the same folder and a rename."""
-  tokenizer_loading.replace_atomically(path, lambda f: np.save(f, array))
+  workdir_io.replace_atomically(path, lambda f: np.save(f, array))
 
 
 def write_shard(codes_dir, shard_index, codes, labels, noise_positions):
@@ -219,7 +219,7 @@ def write_or_check_manifest(codes_dir, manifest, process_index=None):
           "would mix codes. Use an empty data.codes_dir (or delete that folder) to start over.")
     return
   if (jax.process_index() if process_index is None else process_index) == 0:
-    tokenizer_loading.write_text_atomically(path, _to_json(manifest))
+    workdir_io.write_text_atomically(path, _to_json(manifest))
 
 
 def _to_json(value):
@@ -253,12 +253,12 @@ def extract_codes(config, workdir, process_index=None, process_count=None):
   process_index / process_count default to JAX's; giving them splits the shards among
   independent runs (e.g. separate jobs on machines that do not form one JAX cluster).
   """
-  tokenizer_loading.save_workdir_config(config, workdir)
+  workdir_io.save_workdir_config(config, workdir)
   ex = config.extract
   if not ex.tokenizer_workdir:
     raise ValueError("extract.tokenizer_workdir is empty: set it to the workdir of a trained "
                      "tokenizer (job=train_tokenizer)")
-  tok = tokenizer_loading.load_tokenizer(ex.tokenizer_workdir, use_ema=ex.use_ema)
+  tok = workdir_io.load_tokenizer(ex.tokenizer_workdir, use_ema=ex.use_ema)
   schedule = detail.ResolutionSchedule.from_config(tok.config)
   image_size = int(tok.config.image_size)
   crop_size = int(ex.ten_crop_size) if ex.ten_crop else image_size

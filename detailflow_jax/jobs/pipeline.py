@@ -12,7 +12,7 @@ import json
 import pathlib
 import time
 
-from detailflow_jax import tokenizer_loading
+from detailflow_jax import workdir_io
 from detailflow_jax.train import metrics_writer
 
 
@@ -64,7 +64,7 @@ def run_pipeline(config, workdir):
 
   w = pathlib.Path(workdir)
   w.mkdir(parents=True, exist_ok=True)
-  tokenizer_loading.save_workdir_config(config, w)
+  workdir_io.save_workdir_config(config, w)
   cfg = stage_configs(config, w)
   write_stage_configs(config, cfg, w)
   start = time.perf_counter()

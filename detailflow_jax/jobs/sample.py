@@ -19,7 +19,7 @@ from detailflow_jax import api
 from detailflow_jax import detail
 from detailflow_jax import images as image_io
 from detailflow_jax import labelled_grid
-from detailflow_jax import tokenizer_loading
+from detailflow_jax import workdir_io
 from detailflow_jax.data import fashion_mnist
 from detailflow_jax.train import metrics_writer
 
@@ -75,7 +75,7 @@ def tokenizer_data_source(tokenizer_workdir):
   """data.source of the tokenizer's training run (its WORKDIR/config.json); "" when unknown
   (e.g. a run imported from an official PyTorch checkpoint)."""
   try:
-    config = tokenizer_loading.load_workdir_config(tokenizer_workdir)
+    config = workdir_io.load_workdir_config(tokenizer_workdir)
   except ValueError:
     return ""
   return str(config.get("data", {}).get("source", "") or "")
@@ -130,7 +130,7 @@ def sample_job(config, workdir):
   out_dir = pathlib.Path(workdir)
   out_dir.mkdir(parents=True, exist_ok=True)
   names = class_names(tokenizer_data_source(s.tokenizer_workdir), num_classes)
-  gpt_step = tokenizer_loading.resolve_step(s.gpt_workdir)  # the checkpoint params were read from
+  gpt_step = workdir_io.resolve_step(s.gpt_workdir)  # the checkpoint params were read from
   images = write_outputs(out_dir, params.tokenizer, codes, labels, num_classes, s.per_class,
                          names, tensorboard_step=gpt_step)
   np.save(out_dir / "codes.npy", codes)

@@ -54,7 +54,7 @@ def validate_tokenizer_config(c):
 class DetailFlowTokenizer(nn.Module):
   """Encoder (latent queries) -> quant_conv -> l2 VQ -> post_quant_conv -> decoder.
 
-  config: the `tokenizer` ConfigDict of config_defaults (frozen on construction).
+  config: the `tokenizer` ConfigDict of config.defaults (frozen on construction).
   dtype: compute dtype of the towers (params stay float32; quantisation is always float32).
   precision: matmul precision of the towers (None = JAX default; HIGHEST for parity on TPU/GPU).
   """

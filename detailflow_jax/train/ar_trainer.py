@@ -16,7 +16,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from detailflow_jax import tokenizer_loading
+from detailflow_jax import workdir_io
 from detailflow_jax.data import codes
 from detailflow_jax.models import gpt
 from detailflow_jax.train import ar_objective
@@ -87,7 +87,7 @@ def make_step_fn(compiled_step, objective, mesh, log_every, num_steps):
 def train_and_evaluate(config, workdir, on_metrics=None):
   """The `train_ar` job. `on_metrics(dict)` receives each logged set of scalars. Returns the
   final state."""
-  tokenizer_loading.save_workdir_config(config, workdir)
+  workdir_io.save_workdir_config(config, workdir)
   mesh = sharding.build_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
   gpt_config = gpt_config_from(config)

@@ -7,7 +7,7 @@ instead sends almost every token to a handful of codes within the first hundred 
 gradient, so they never come back. This module keeps a running count of how often each code is
 selected and, every `every` steps, moves the codes whose count fell below `min_fraction` of an
 even share onto latents drawn at random from the current batch, the usual restart of the VQ
-literature. Off (every = 0) in the paper configs; settings in config_defaults.code_reset_config.
+literature. Off (every = 0) in the paper configs; settings in config.defaults.code_reset_config.
 
 Everything runs inside the jitted train step on fixed shapes: the reset is a `where` over the
 (K, D) codebook, so it adds no compiled variant and no host round-trip.

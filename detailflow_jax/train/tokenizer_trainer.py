@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from detailflow_jax import detail
-from detailflow_jax import tokenizer_loading
+from detailflow_jax import workdir_io
 from detailflow_jax.data import pipeline
 from detailflow_jax.train import checkpoints
 from detailflow_jax.train import loop
@@ -101,7 +101,7 @@ def make_step_fn(config, objective, abstract_state, state_shardings, mesh, warm=
 
 def train_and_evaluate(config, workdir, on_metrics=None):
   """The `train_tokenizer` job. `on_metrics(dict)` receives each logged set of scalars."""
-  tokenizer_loading.save_workdir_config(config, workdir)
+  workdir_io.save_workdir_config(config, workdir)
   mesh = sharding.build_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
   schedule = detail.ResolutionSchedule.from_config(config.tokenizer)

@@ -8,7 +8,7 @@ import sys
 
 from absl import flags
 
-from detailflow_jax.config_keys import load_config_file
+from detailflow_jax.config.files import load_config_file
 from detailflow_jax.train import tokenizer_trainer
 
 

@@ -14,7 +14,7 @@ import time
 
 from absl import flags
 
-from detailflow_jax import config_keys
+from detailflow_jax.config import files
 from detailflow_jax.train import tokenizer_trainer
 
 
@@ -30,7 +30,7 @@ def apply_override(config, dotted, value):
 def main(argv):
   config_path, workdir = argv[1], argv[2]
   seconds_per_step = 0.0
-  config = config_keys.load_config_file(config_path)
+  config = files.load_config_file(config_path)
   for arg in argv[3:]:
     key, _, value = arg.partition("=")
     if key == "--seconds_per_step":

@@ -1,13 +1,13 @@
 """Config sections of the evaluation jobs (eval_tokenizer, eval_generator, eval_fid_reference).
 
 Each job config has `job`, `eval` (the job's settings), `data` (where real images come from:
-the config_defaults data section, read with an eval split) and `mesh` (the devices of this host
+the config.defaults data section, read with an eval split) and `mesh` (the devices of this host
 that batches are split over). Trained models are read from workdirs named by config keys; the
 defaults are the default run's workdirs.
 """
 import ml_collections
 
-from detailflow_jax import config_defaults
+from detailflow_jax.config import defaults
 
 DEFAULT_TOKENIZER_WORKDIR = "workdirs/default/tokenizer"
 DEFAULT_AR_WORKDIR = "workdirs/default/ar"
@@ -53,8 +53,8 @@ def eval_tokenizer_config():
   c = ml_collections.ConfigDict()
   c.job = "eval_tokenizer"
   c.eval = eval_tokenizer_section()
-  c.data = config_defaults.data_config()
-  c.mesh = config_defaults.mesh_config()
+  c.data = defaults.data_config()
+  c.mesh = defaults.mesh_config()
   return c
 
 
@@ -97,8 +97,8 @@ def eval_generator_config():
   c = ml_collections.ConfigDict()
   c.job = "eval_generator"
   c.eval = eval_generator_section()
-  c.data = config_defaults.data_config()
-  c.mesh = config_defaults.mesh_config()
+  c.data = defaults.data_config()
+  c.mesh = defaults.mesh_config()
   return c
 
 
@@ -120,6 +120,6 @@ def eval_fid_reference_config():
   c = ml_collections.ConfigDict()
   c.job = "eval_fid_reference"
   c.eval = eval_fid_reference_section()
-  c.data = config_defaults.data_config()
-  c.mesh = config_defaults.mesh_config()
+  c.data = defaults.data_config()
+  c.mesh = defaults.mesh_config()
   return c
