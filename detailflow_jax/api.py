@@ -102,7 +102,7 @@ def encode(tokenizer: TokenizerParams, images):
 
 
 def decodable_token_counts(config):
-  return tuple(detail.token_list(config.num_tokens, config.group_size, config.causal_num))
+  return detail.resolution_schedule(config).token_list
 
 
 def decode(tokenizer: TokenizerParams, codes, num_tokens: Optional[int] = None):
@@ -119,7 +119,7 @@ def decode(tokenizer: TokenizerParams, codes, num_tokens: Optional[int] = None):
     raise ValueError(f"codes must be (B, >= {n}) ints, got shape {codes.shape}")
   if codes.shape[1] < config.num_tokens:  # the decoder reads only the first n latents
     codes = jnp.pad(codes, ((0, 0), (0, config.num_tokens - codes.shape[1])))
-  schedule = detail.ResolutionSchedule.from_config(config)
+  schedule = detail.resolution_schedule(config)
   return _decode(tokenizer.params, codes, config, n, schedule.decoder_size(n))
 
 

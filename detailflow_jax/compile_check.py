@@ -216,7 +216,7 @@ def check_train_tokenizer(config, mesh, all_variants):
   from detailflow_jax.train import tokenizer_objective  # pylint: disable=g-import-not-at-top
   from detailflow_jax.train import tokenizer_trainer  # pylint: disable=g-import-not-at-top
 
-  schedule = detail.ResolutionSchedule.from_config(config.tokenizer)
+  schedule = detail.resolution_schedule(config.tokenizer)
   with standin_weights():
     objective = tokenizer_objective.TokenizerObjective(config)
   abstract = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), None)

@@ -4,6 +4,7 @@ Masks use the JAX convention True = may attend (the official tokenizer mask uses
 its GPT mask uses True = may attend).
 """
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -135,16 +136,6 @@ class ResolutionSchedule:
   best_res: tuple = dataclasses.field(init=False, repr=False, compare=False)
   best_token: tuple = dataclasses.field(init=False, repr=False, compare=False)
 
-  @classmethod
-  def from_config(cls, tokenizer_cfg):
-    """From the `tokenizer` ConfigDict of config.defaults (encoder/decoder sub-configs)."""
-    return cls(
-        image_size=tokenizer_cfg.image_size, num_tokens=tokenizer_cfg.num_tokens,
-        group_size=tokenizer_cfg.group_size, causal_num=tokenizer_cfg.causal_num,
-        power=tokenizer_cfg.degradation_power, min_decoder_size=tokenizer_cfg.min_decoder_size,
-        encoder_patch_size=tokenizer_cfg.encoder.patch_size,
-        decoder_patch_size=tokenizer_cfg.decoder.patch_size)
-
   def __post_init__(self):
     self._validate()
     tokens = token_list(self.num_tokens, self.group_size, self.causal_num)
@@ -206,6 +197,26 @@ class ResolutionSchedule:
   def output_sizes(self):
     """Distinct decoder output sides over token_list, ascending: one compiled variant each."""
     return tuple(sorted(set(self.token2dec_out_res.values())))
+
+
+def resolution_schedule(tokenizer_cfg):
+  """The ResolutionSchedule of a `tokenizer` config section (config.defaults layout).
+
+  The one way from a config to R(n) and the decoder sizes: the data pipeline, the trainer, code
+  extraction, the evaluation and sampling jobs and the public API all call this, and the tables
+  are built once per distinct schedule and shared (the result is frozen and hashable).
+  """
+  return _cached_schedule(
+      image_size=tokenizer_cfg.image_size, num_tokens=tokenizer_cfg.num_tokens,
+      group_size=tokenizer_cfg.group_size, causal_num=tokenizer_cfg.causal_num,
+      power=tokenizer_cfg.degradation_power, min_decoder_size=tokenizer_cfg.min_decoder_size,
+      encoder_patch_size=tokenizer_cfg.encoder.patch_size,
+      decoder_patch_size=tokenizer_cfg.decoder.patch_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_schedule(**fields):
+  return ResolutionSchedule(**fields)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def test_encode_returns_codes_in_the_codebook(tokenizer, images):
 
 def test_decode_gives_the_resolution_of_the_prefix(tokenizer, images):
   codes = dfj.encode(tokenizer, images)
-  schedule = detail.ResolutionSchedule.from_config(tokenizer.config)
+  schedule = detail.resolution_schedule(tokenizer.config)
   for n in (1, 4, 8, tokenizer.config.num_tokens):
     out = dfj.decode(tokenizer, codes, num_tokens=n)
     d = schedule.decoder_size(n)
@@ -71,7 +71,7 @@ def test_sample_returns_images_at_the_prefix_resolution(tokenizer):
   assert full.shape == (2, 32, 32, 3)
   assert float(full.min()) >= -1 and float(full.max()) <= 1
   coarse = dfj.sample(params, labels, rng=jax.random.PRNGKey(0), num_tokens=8)
-  d = detail.ResolutionSchedule.from_config(tokenizer.config).decoder_size(8)
+  d = detail.resolution_schedule(tokenizer.config).decoder_size(8)
   assert coarse.shape == (2, d, d, 3)
   with pytest.raises(ValueError, match="num_classes|range"):
     dfj.sample(params, jnp.array([10]), rng=jax.random.PRNGKey(0))

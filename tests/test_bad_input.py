@@ -58,7 +58,7 @@ def test_group_size_not_dividing_the_token_count():
   tok.num_tokens, tok.group_size = 130, 8
   with pytest.raises(ValueError, match="num_tokens=130 must be a positive multiple of "
                                        "group_size=8"):
-    detail.ResolutionSchedule.from_config(tok)
+    detail.resolution_schedule(tok)
   with pytest.raises(ValueError, match="num_tokens=130 and causal_num=8 must be multiples of "
                                        "group_size=8"):
     tokenizer_model.validate_tokenizer_config(tok)

@@ -48,7 +48,7 @@ def first_batches(config):
 
 
 def test_batch_contents(config, first_batches):
-  schedule = detail.ResolutionSchedule.from_config(config.tokenizer)
+  schedule = detail.resolution_schedule(config.tokenizer)
   seen = set()
   for batch in first_batches:
     n, noise = int(batch["num_tokens"]), int(batch["noise_position"])
@@ -118,7 +118,7 @@ def test_draws_shared_by_processes_and_shards_disjoint(config, first_batches):
 
 
 def test_draw_frequencies(config):
-  schedule = detail.ResolutionSchedule.from_config(config.tokenizer)
+  schedule = detail.resolution_schedule(config.tokenizer)
   draw = pipeline.DegradeBatch(schedule, seed=0, degrade_prob=0.2, correction_prob=1.0).draw
   draws = [draw(i) for i in range(5000)]
   full = np.mean([n == 16 for n, _ in draws])

@@ -45,8 +45,8 @@ def test_tables_equal_official(official_tables, key):
     assert schedule.decoder_size(int(n)) == side
 
 
-def test_paper_config_from_config():
-  schedule = detail.ResolutionSchedule.from_config(defaults.tokenizer_model_config())
+def test_paper_config_schedule():
+  schedule = detail.resolution_schedule(defaults.tokenizer_model_config())
   # The digest's N=128 mapping (n: content / decoder side).
   expected = {1: (1, 16), 8: (21, 32), 16: (44, 48), 24: (67, 80), 32: (88, 96),
               48: (128, 128), 64: (164, 176), 80: (196, 208), 96: (223, 224), 128: (256, 256)}
@@ -55,8 +55,8 @@ def test_paper_config_from_config():
   assert schedule.output_sizes() == (16, 32, 48, 80, 96, 112, 128, 160, 176, 192, 208, 224, 240,
                                      256)
   assert schedule.decoder_size(13) == 48  # off token_list: same rule, R(13)=36 -> 48
-  assert hash(schedule) == hash(detail.ResolutionSchedule.from_config(
-      defaults.tokenizer_model_config()))
+  # Built once per schedule: another config object with the same fields gets the same tables.
+  assert detail.resolution_schedule(defaults.tokenizer_model_config()) is schedule
 
 
 def test_snap_to_patch_rounding_down_branch():
@@ -89,7 +89,7 @@ def test_content_resolution_range_error():
   with pytest.raises(ValueError, match=r"n=0 must be in \[1, num_tokens=128\]"):
     detail.content_resolution(0, 256, 128, 1.5)
   with pytest.raises(ValueError, match=r"n=129"):
-    schedule = detail.ResolutionSchedule.from_config(defaults.tokenizer_model_config())
+    schedule = detail.resolution_schedule(defaults.tokenizer_model_config())
     schedule.decoder_size(129)
 
 
@@ -158,11 +158,11 @@ def test_gpt_mask_matches_official(parity_gpt):
       detail.gpt_attention_mask(mask.shape[0], config["group_size"], config["causal_num"]), mask)
 
 
-def test_from_config_reads_tiny_layout():
+def test_schedule_reads_tiny_layout():
   tok = defaults.tokenizer_model_config()
   tok.update(ml_collections.ConfigDict(dict(image_size=32, num_tokens=16, group_size=4,
                                             causal_num=4, min_decoder_size=8)))
   tok.encoder.patch_size = tok.decoder.patch_size = 8
-  schedule = detail.ResolutionSchedule.from_config(tok)
+  schedule = detail.resolution_schedule(tok)
   assert schedule.output_sizes() == (8, 16, 24, 32)
   assert schedule.token2dec_out_res == {1: 8, 2: 8, 3: 8, 4: 16, 8: 24, 12: 32, 16: 32}

@@ -154,7 +154,7 @@ def tokenizer_run(tmp_path_factory, tokenizer_workdir, fashion_dir):
 def test_eval_tokenizer_writes_every_n(tokenizer_run):
   payload, out, tok_config = tokenizer_run
   written = json.loads((out / "eval_tokenizer" / "metrics.json").read_text())
-  schedule = detail.ResolutionSchedule.from_config(tok_config.tokenizer)
+  schedule = detail.resolution_schedule(tok_config.tokenizer)
   assert list(written["per_n"]) == [str(n) for n in schedule.token_list]
   assert set(written["summary"]) == {
       "num_tokens", "num_images", "rfid", "psnr", "ssim", "lpips", "ssim_official_protocol",
@@ -276,7 +276,7 @@ def test_eval_tokenizer_reference_cache_is_eval_generators(tmp_path, tokenizer_w
 
 
 def test_eval_token_counts_validation(tokenizer_workdir):
-  schedule = detail.ResolutionSchedule.from_config(tokenizer_workdir[1].tokenizer)
+  schedule = detail.resolution_schedule(tokenizer_workdir[1].tokenizer)
   e = load_config("eval_tokenizer_tiny.py").eval
   e.token_counts = (4, 8)
   e.fid_token_counts = (8,)

@@ -99,7 +99,7 @@ def test_clean_codes_equal_encode_of_the_image_and_its_flip(setup):
 
 
 def test_triplet_invariants_and_noise_positions(setup):
-  schedule = detail.ResolutionSchedule.from_config(setup["tok_config"])
+  schedule = detail.resolution_schedule(setup["tok_config"])
   c, g = schedule.causal_num, schedule.group_size
   noised = corrected = 0
   for index in range(3):

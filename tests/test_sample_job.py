@@ -113,7 +113,7 @@ def test_write_outputs_labels_rows_and_columns(tmp_path, tiny_tokenizer):
   np.testing.assert_array_equal(pixels[2:2 + 96:3, margin + 2:margin + 2 + 96:3], images[0])
   token_counts = api.decodable_token_counts(tiny_tokenizer.config)
   assert token_counts == (1, 2, 3, 4, 8)
-  schedule = detail.ResolutionSchedule.from_config(tiny_tokenizer.config)
+  schedule = detail.resolution_schedule(tiny_tokenizer.config)
   columns = sample.strip_column_labels(tiny_tokenizer.config, token_counts)
   assert columns[-1] == f"n=8\nR(n)={schedule.content_resolution(8)}"
   strip_width, strip_height = grid_size(num_classes, len(token_counts))

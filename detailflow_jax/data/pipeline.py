@@ -9,7 +9,7 @@ draws the same n and its decoder output side matches on all hosts.
 
 Compiled variants: the train step is specialised on the target side only (n is a traced
 scalar: the decoder masks latents beyond n), so a config has
-len(ResolutionSchedule.from_config(config.tokenizer).output_sizes()) of them, e.g. 14 for
+len(detail.resolution_schedule(config.tokenizer).output_sizes()) of them, e.g. 14 for
 N=128 at 256 px.
 """
 import dataclasses
@@ -105,7 +105,7 @@ def make_tokenizer_train_dataset(config, *, process_index=0, process_count=1):
   """The training MapDataset (infinite): element i is this process's batch i."""
   data = config.data
   local_batch = _check_sharding(data.batch_size, process_index, process_count)
-  schedule = detail.ResolutionSchedule.from_config(config.tokenizer)
+  schedule = detail.resolution_schedule(config.tokenizer)
   for name in ("degrade_prob", "correction_prob"):
     if not 0.0 <= data[name] <= 1.0:
       raise ValueError(f"data.{name}={data[name]} must be in [0, 1]")

@@ -206,7 +206,7 @@ def evaluate_generator(config, workdir):
   api.check_pairing(tok_config, gpt_config)
   mesh = eval_common.build_mesh(config.mesh, e.batch_size, "eval.batch_size")
   num_tokens = e.num_tokens or gpt_config.block_size
-  decoder_size = detail.ResolutionSchedule.from_config(tok_config).decoder_size(num_tokens)
+  decoder_size = detail.resolution_schedule(tok_config).decoder_size(num_tokens)
   labels = sample_labels(e, gpt_config.num_classes)
   s = dict(
       gpt_workdir=gpt_workdir, gpt_step=gpt_step, gpt_use_ema=bool(e.gpt_use_ema),

@@ -269,7 +269,7 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
   eval_common.check_single_process("eval_tokenizer")
   e = config.eval
   tok_config, params, step = eval_common.load_tokenizer(tok_workdir, e.step, e.use_ema)
-  schedule = detail.ResolutionSchedule.from_config(tok_config)
+  schedule = detail.resolution_schedule(tok_config)
   counts, fid_counts, lpips_counts = eval_token_counts(e, schedule)
   mesh = eval_common.build_mesh(config.mesh, e.batch_size, "eval.batch_size")
   extractor = None

@@ -259,7 +259,7 @@ def extract_codes(config, workdir, process_index=None, process_count=None):
     raise ValueError("extract.tokenizer_workdir is empty: set it to the workdir of a trained "
                      "tokenizer (job=train_tokenizer)")
   tok = workdir_io.load_tokenizer(ex.tokenizer_workdir, use_ema=ex.use_ema)
-  schedule = detail.ResolutionSchedule.from_config(tok.config)
+  schedule = detail.resolution_schedule(tok.config)
   image_size = int(tok.config.image_size)
   crop_size = int(ex.ten_crop_size) if ex.ten_crop else image_size
   if crop_size < image_size:

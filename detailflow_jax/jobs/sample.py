@@ -83,7 +83,7 @@ def tokenizer_data_source(tokenizer_workdir):
 
 def strip_column_labels(tok_config, token_counts):
   """"n=<tokens>" over "R(n)=<content resolution>" for each column of the strip."""
-  schedule = detail.ResolutionSchedule.from_config(tok_config)
+  schedule = detail.resolution_schedule(tok_config)
   return [f"n={n}\nR(n)={schedule.content_resolution(n)}" for n in token_counts]
 
 

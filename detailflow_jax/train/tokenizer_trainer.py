@@ -62,7 +62,7 @@ def make_step_fn(config, objective, abstract_state, state_shardings, mesh, warm=
   With `warm`, every variant is compiled ahead of time, two at a time: XLA compiles outside
   the GIL, and the variants are known from the schedule (see module docstring).
   """
-  schedule = detail.ResolutionSchedule.from_config(config.tokenizer)
+  schedule = detail.resolution_schedule(config.tokenizer)
   frozen = jax.device_put(objective.frozen_params(), sharding.replicated(mesh))
   abstract_frozen = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen)
@@ -104,7 +104,7 @@ def train_and_evaluate(config, workdir, on_metrics=None):
   workdir_io.save_workdir_config(config, workdir)
   mesh = sharding.build_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
-  schedule = detail.ResolutionSchedule.from_config(config.tokenizer)
+  schedule = detail.resolution_schedule(config.tokenizer)
   logging.info("decoder output sizes (compiled variants): %s", schedule.output_sizes())
 
   objective = tokenizer_objective.TokenizerObjective(config)

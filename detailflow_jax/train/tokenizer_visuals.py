@@ -32,7 +32,7 @@ class ReconstructionStrips:
     self.config = config
     self.model = objective.model
     self.workdir = workdir
-    self.schedule = detail.ResolutionSchedule.from_config(config.tokenizer)
+    self.schedule = detail.resolution_schedule(config.tokenizer)
     self._images = None
 
   def images(self):
