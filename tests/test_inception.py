@@ -50,7 +50,7 @@ def reference_images():
 
 @functools.lru_cache(maxsize=1)
 def _load_params(path):
-  return inception.load_inception(path)
+  return inception_weights.load_inception(path)
 
 
 def params_or_skip():
@@ -247,7 +247,7 @@ def test_convert_full_layout_round_trip(tmp_path):
   pt_path.write_bytes(_torchscript_archive(_wrap(layers)))
   out = tmp_path / "weights.npz"
   inception_weights.convert(str(out), torchscript_path=str(pt_path))
-  params = inception.load_inception(str(out))
+  params = inception_weights.load_inception(str(out))
   np.testing.assert_array_equal(params["mixed_6"]["tower_1"]["conv_2"]["kernel"],
                                 expected["mixed_6/tower_1/conv_2"])
   np.testing.assert_array_equal(params["mixed_9"]["tower_2_conv"]["mean"],
@@ -257,7 +257,7 @@ def test_convert_full_layout_round_trip(tmp_path):
 def test_missing_weights_error_names_path_and_command(tmp_path):
   missing = tmp_path / "none.npz"
   with pytest.raises(FileNotFoundError, match="python -m detailflow_jax.eval.inception_weights"):
-    inception.load_inception(str(missing))
+    inception_weights.load_inception(str(missing))
 
 
 # ---------------------------------------------------------------- real weights

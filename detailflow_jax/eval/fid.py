@@ -82,7 +82,7 @@ def compute_features(params, images_uint8_iter: Iterable[np.ndarray], batch_size
                      log_every_seconds: float = 0.0):
   """Inception pool_3 and spatial features of every image the iterator yields.
 
-  params: from inception.load_inception().
+  params: from inception_weights.load_inception().
   images_uint8_iter: uint8 [B, H, W, 1 or 3] batches (any B; images of one size per batch).
   batch_size: images per jitted call (global, over all processes); the last batch is padded and
     the padding dropped. With a mesh it must be a multiple of the mesh's device count.

@@ -15,18 +15,17 @@ HWC order to 17*17*7 = 2023 values, as ADM's sFID. The weight file carries no cl
 so there are no logits and no Inception Score.
 
 Params are one plain pytree (conv kernels HWIO plus batch-norm beta/mean/var): the network is
-frozen, so the BN statistics need no separate collection.
+frozen, so the BN statistics need no separate collection. They come from the published file
+through inception_weights (converter and `load_inception`), which depends on this module
+for the expected shapes; this module depends on no weight file format.
 """
 import functools
-import os
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from detailflow_jax.eval import inception_weights
 
 INPUT_SIZE = 299
 POOL_DIM = 2048
@@ -254,35 +253,3 @@ def param_shapes():
                              jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.uint8))
   flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
   return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
-
-
-def unflatten_params(flat):
-  """{'a/b/kernel': array} -> nested dict."""
-  nested = {}
-  for path, value in flat.items():
-    node = nested
-    *parents, leaf = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return nested
-
-
-def load_inception(path=None):
-  """The FID Inception params (nested dict of jnp arrays) from the .npz the converter wrote.
-
-  path: the .npz; default $DETAILFLOW_INCEPTION_WEIGHTS or ~/.cache/detailflow_jax/
-  inception_fid.npz. Raises FileNotFoundError naming the path and the command that creates it.
-  """
-  path = os.path.expanduser(path) if path else inception_weights.default_weights_path()
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"Inception FID weights not found at {path}. Create them once with:\n"
-        f"  python -m detailflow_jax.eval.inception_weights --out {path}")
-  flat = inception_weights.load_flat_params(path)
-  expected = param_shapes()
-  got = {k: tuple(v.shape) for k, v in flat.items()}
-  if got != expected:
-    raise ValueError(f"{path} does not match the Inception module's params; re-create it with "
-                     f"python -m detailflow_jax.eval.inception_weights --out {path}")
-  return jax.tree_util.tree_map(jnp.asarray, unflatten_params(flat))

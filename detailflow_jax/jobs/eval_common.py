@@ -16,7 +16,6 @@ from detailflow_jax import workdir_io
 from detailflow_jax.data import sources
 from detailflow_jax.data import transforms
 from detailflow_jax.eval import fid as fid_lib
-from detailflow_jax.eval import inception
 from detailflow_jax.eval import inception_weights
 from detailflow_jax.eval import inputs
 from detailflow_jax.train import sharding
@@ -64,7 +63,7 @@ class FeatureExtractor:
 
   def __init__(self, weights_path, batch_size, mesh=None):
     self.weights_path = weights_path or inception_weights.default_weights_path()
-    self.params = inception.load_inception(self.weights_path)
+    self.params = inception_weights.load_inception(self.weights_path)
     self.batch_size = batch_size
     self.mesh = mesh
 
