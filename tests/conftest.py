@@ -3,10 +3,20 @@ import json
 import os
 import pathlib
 
+import fake_fashion_mnist
 import numpy as np
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fake_fmnist_dir(tmp_path_factory):
+  """A Fashion-MNIST folder of random images (tests/fake_fashion_mnist.py), 64 train, 16 test:
+  enough for the smoke configs' batches; training runs read it instead of the system package."""
+  directory = tmp_path_factory.mktemp("fmnist")
+  fake_fashion_mnist.write_fake_fashion_mnist(directory, num_train=64, num_test=16)
+  return directory
 
 
 def parity_root():

@@ -104,14 +104,6 @@ def test_launcher_environment_and_exit_status(tmp_path):
 
 # --- 2 processes x 4 devices == 1 process x 8 devices ---------------------------------------
 
-@pytest.fixture(scope="module")
-def fake_fmnist_dir(tmp_path_factory):
-  import fake_fashion_mnist  # pylint: disable=g-import-not-at-top
-  directory = tmp_path_factory.mktemp("fmnist")
-  fake_fashion_mnist.write_fake_fashion_mnist(directory, num_train=64, num_test=16)
-  return directory
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, fake_fmnist_dir):
   steps = 20

@@ -20,14 +20,6 @@ SHORT_RUN = [f"--config.train.num_steps={2 * K}", "--config.train.log_every=1",
 
 
 @pytest.fixture(scope="module")
-def fake_fmnist_dir(tmp_path_factory):
-  import fake_fashion_mnist  # pylint: disable=g-import-not-at-top
-  directory = tmp_path_factory.mktemp("fmnist")
-  fake_fashion_mnist.write_fake_fashion_mnist(directory, num_train=64, num_test=16)
-  return directory
-
-
-@pytest.fixture(scope="module")
 def single_env(tmp_path_factory):
   """One CPU device and a compilation cache shared by every single-process run here: they
   all train the same config, so only the first one compiles."""

@@ -108,14 +108,6 @@ def test_large_pictures_are_shrunk_for_tensorboard():
   assert metrics_writer.shrink_to_side(picture[..., :1], 40).shape == (30, 10, 1)
 
 
-@pytest.fixture(scope="module")
-def fake_fmnist_dir(tmp_path_factory):
-  import fake_fashion_mnist  # pylint: disable=g-import-not-at-top
-  directory = tmp_path_factory.mktemp("fmnist")
-  fake_fashion_mnist.write_fake_fashion_mnist(directory, num_train=32, num_test=16)
-  return directory
-
-
 def test_tokenizer_job_writes_config_and_strips(tmp_path, fake_fmnist_dir):
   """main.py writes the config text; the strips hook writes each strip at its step."""
   workdir = tmp_path / "run"

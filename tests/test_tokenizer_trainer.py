@@ -26,14 +26,6 @@ def smoke_config(fake_fmnist_dir, steps):
   return config
 
 
-@pytest.fixture(scope="module")
-def fake_fmnist_dir(tmp_path_factory):
-  import fake_fashion_mnist  # pylint: disable=g-import-not-at-top
-  directory = tmp_path_factory.mktemp("fmnist")
-  fake_fashion_mnist.write_fake_fashion_mnist(directory, num_train=64, num_test=16)
-  return directory
-
-
 def restored_params(workdir, state_template):
   ckpt = checkpoints.Checkpointer(workdir)
   state, data = ckpt.restore(state_template)
