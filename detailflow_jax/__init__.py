@@ -4,7 +4,10 @@
     codes = encode(tokenizer, images); coarse = decode(tokenizer, codes, num_tokens=8)
     params = load_sampler_params(tokenizer_workdir, gpt_workdir)
     images = sample(params, labels, rng=jax.random.PRNGKey(0), cfg_scale=1.5)
+    for stage in sample_progressive(params, labels, rng=jax.random.PRNGKey(0)):
+      show(stage.images)   # at R(stage.num_tokens), coarse to fine; the last equals sample()
 """
+from detailflow_jax.api import Preview
 from detailflow_jax.api import SamplerParams
 from detailflow_jax.api import TokenizerParams
 from detailflow_jax.api import decode
@@ -13,7 +16,10 @@ from detailflow_jax.api import generate_codes
 from detailflow_jax.api import load_sampler_params
 from detailflow_jax.api import load_tokenizer
 from detailflow_jax.api import sample
+from detailflow_jax.api import sample_progressive
+from detailflow_jax.api import supported_image_sizes
 from detailflow_jax.api import tokenizer_params
 
-__all__ = ["SamplerParams", "TokenizerParams", "decode", "encode", "generate_codes",
-           "load_sampler_params", "load_tokenizer", "sample", "tokenizer_params"]
+__all__ = ["Preview", "SamplerParams", "TokenizerParams", "decode", "encode", "generate_codes",
+           "load_sampler_params", "load_tokenizer", "sample", "sample_progressive",
+           "supported_image_sizes", "tokenizer_params"]

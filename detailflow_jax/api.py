@@ -4,8 +4,9 @@ Params are plain pytrees bundled with their (static, hashable) configs, so a cal
 `sample(params, labels, rng=...)` with nothing global. Every function here is jit-compiled; a
 compiled program is cached per config, batch shape and static setting.
 """
+import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import flax
 import jax
@@ -105,6 +106,24 @@ def decodable_token_counts(config):
   return detail.resolution_schedule(config).token_list
 
 
+def supported_image_sizes(config):
+  """Output sizes a tokenizer decodes to: today its one training size."""
+  return (int(config.image_size),)
+
+
+def check_image_size(config, image_size):
+  """The image size to decode at (None: the tokenizer's own); ValueError listing the supported
+  sizes for any other."""
+  supported = supported_image_sizes(config)
+  if image_size is None:
+    return supported[-1]
+  if isinstance(image_size, bool) or not isinstance(image_size, int) or \
+      image_size not in supported:
+    raise ValueError(f"image_size={image_size!r} is not supported by this tokenizer; "
+                     f"supported sizes: {list(supported)}")
+  return image_size
+
+
 def decode(tokenizer: TokenizerParams, codes, num_tokens: Optional[int] = None):
   """Codes (B, >= n) -> images (B, d, d, 3) from their first `num_tokens` codes, at the
   decoder size d of R(n) (the full image size when num_tokens is None)."""
@@ -140,3 +159,47 @@ def sample(params: SamplerParams, labels, *, rng, cfg_scale=1.5, temperature=1.0
                          top_k=top_k, top_p=top_p, gradual_cfg=gradual_cfg, num_tokens=num_tokens)
   images = decode(params.tokenizer, codes, num_tokens=codes.shape[1])
   return jnp.clip(images, -1.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preview:
+  """One stage of `sample_progressive`: the images decoded from the first `num_tokens` codes.
+
+  images: (B, d, d, 3) float32 in [-1, 1], d = decoder_size; resolution: R(n), the content
+  resolution those codes carry (the image is R(n) detail upsampled to d); codes: (B, n) int32;
+  final: the last stage, equal to `sample(...)` with the same arguments."""
+  num_tokens: int
+  resolution: int
+  decoder_size: int
+  images: jax.Array
+  codes: jax.Array
+  final: bool
+
+
+def sample_progressive(params: SamplerParams, labels, *, rng, cfg_scale=1.5, temperature=1.0,
+                       top_k=0, top_p=1.0, gradual_cfg=False, num_tokens=None,
+                       image_size=None) -> Iterator[Preview]:
+  """`sample`, yielding a Preview after every causal token and every group: the images decoded
+  from the codes so far, at R(n), coarse to fine. The last one equals `sample` with the same
+  key, bit for bit. Sampling runs one compiled step per next() (sampling.generate_codes_stepwise)
+  and each stage is decoded as it comes, so a caller can show the image sharpen while it is
+  generated. image_size: the output size (None: the tokenizer's); the supported sizes are
+  `supported_image_sizes(params.tokenizer.config)`. Arguments are checked before the first stage.
+  """
+  config = params.tokenizer.config
+  check_image_size(config, image_size)
+  stages = sampling.generate_codes_stepwise(
+      params.gpt, params.gpt_config, labels, rng=rng, cfg_scale=cfg_scale,
+      temperature=temperature, top_k=top_k, top_p=top_p, gradual_cfg=gradual_cfg,
+      num_tokens=num_tokens)
+  last = params.gpt_config.block_size if num_tokens is None else int(num_tokens)
+  return _previews(params.tokenizer, stages, last)
+
+
+def _previews(tokenizer, stages, last):
+  schedule = detail.resolution_schedule(tokenizer.config)
+  for n, codes in stages:
+    images = jnp.clip(decode(tokenizer, codes, num_tokens=n), -1.0, 1.0)
+    yield Preview(num_tokens=n, resolution=schedule.content_resolution(n),
+                  decoder_size=schedule.decoder_size(n), images=images, codes=codes,
+                  final=n == last)

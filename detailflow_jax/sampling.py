@@ -10,12 +10,16 @@ Steps: c + (N - c) / g (23 for N = 128, g = c = 8). Both phases are lax.fori_loo
 dataclass; keys and values live in a preallocated cache (kv_cache.py) written with
 dynamic_update_slice, so every step costs only its new positions. The official sampler re-runs
 the whole prefix at every step; this one gives the same logits up to float rounding.
+`generate_codes_stepwise` runs the same steps as separate programs and returns to Python after
+each one (progressive previews, api.sample_progressive).
 
 Classifier-free guidance doubles the batch ([labels; null class]) and mixes the logits as
 u + (c - u) * scale. Sampling draws one uniform per code from the row's own key (row i depends
 only on rng[i]) and inverts the CDF blockwise, which avoids sorting the vocabulary.
 """
+import dataclasses
 import functools
+from typing import Callable
 
 import flax
 import jax
@@ -171,10 +175,19 @@ def _draw(logits, uniforms, temperature, top_k, top_p):
   return categorical_from_uniform(flat, uniforms.reshape(-1)).reshape(batch, q)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "config", "num_tokens", "top_k", "use_top_p", "guided", "record_logits"))
-def _decode(params, labels, keys, cfg_scale, temperature, top_p, gradual, *, config, num_tokens,
-            top_k, use_top_p, guided, record_logits):
+@dataclasses.dataclass(frozen=True)
+class DecodeSteps:
+  """The pieces of one decode, closed over the model and the sampling settings: the state
+  before the first step, the causal step i (code i) and the group step j (codes j*g..j*g+g-1).
+  `_decode` runs them in lax loops inside one program; `generate_codes_stepwise` jits them
+  separately and returns to Python after each step."""
+  initial: DecodeState
+  causal_step: Callable[[jax.Array, DecodeState], DecodeState]
+  group_step: Callable[[jax.Array, DecodeState], DecodeState]
+
+
+def _decode_steps(params, labels, keys, cfg_scale, temperature, top_p, gradual, *, config,
+                  num_tokens, top_k, use_top_p, guided, record_logits):
   c = config
   model = GPT(c)
   variables = {"params": params}
@@ -212,26 +225,14 @@ def _decode(params, labels, keys, cfg_scale, temperature, top_p, gradual, *, con
     codes = jax.lax.dynamic_update_slice_in_dim(state.codes, new, first_code, axis=1)
     return record(state.replace(codes=codes), cond, uncond, first_code)
 
-  # Causal phase: the cache only needs the positions this phase writes.
-  num_causal = min(num_tokens, c.causal_num)
-
   def causal_step(i, state):
     previous = jax.lax.dynamic_slice_in_dim(state.codes, jnp.maximum(i - 1, 0), 1, axis=1)
     embeddings = jnp.where(i == 0, class_emb, embed(previous))
     logits, cache = run_model(embeddings, i, state.cache)
     return sample_block(state.replace(cache=cache), logits, cfg_scale, i)
 
-  state = DecodeState(
-      codes=jnp.zeros((batch, num_tokens), jnp.int32),
-      cache=kv_cache.init_kv_cache(c, copies * batch, num_causal),
-      logits_cond=jnp.zeros(log_shape, jnp.float32),
-      logits_uncond=jnp.zeros(log_shape, jnp.float32))
-  state = jax.lax.fori_loop(0, num_causal, causal_step, state)
-  if num_tokens <= c.causal_num:
-    return state.codes, state.logits_cond, state.logits_uncond
-
-  # Group phase: group j (code indices j*g .. j*g+g-1) comes from sequence positions
-  # j*g .. j*g+g-1, which hold the previous group (or z_{c-1} and the special tokens).
+  # Group j (code indices j*g .. j*g+g-1) comes from sequence positions j*g .. j*g+g-1, which
+  # hold the previous group (or z_{c-1} and the special tokens).
   g = c.group_size
   first_group = c.causal_num // g
 
@@ -244,10 +245,49 @@ def _decode(params, labels, keys, cfg_scale, temperature, top_p, gradual, *, con
     scale = jnp.where(gradual, gradual_cfg_scale(cfg_scale, j, c), cfg_scale)
     return sample_block(state.replace(cache=cache), logits, scale, j * g)
 
-  for first, end, window in group_segments(c, num_tokens):
+  # The causal phase's cache only needs the positions that phase writes.
+  initial = DecodeState(
+      codes=jnp.zeros((batch, num_tokens), jnp.int32),
+      cache=kv_cache.init_kv_cache(c, copies * batch, min(num_tokens, c.causal_num)),
+      logits_cond=jnp.zeros(log_shape, jnp.float32),
+      logits_uncond=jnp.zeros(log_shape, jnp.float32))
+  return DecodeSteps(initial=initial, causal_step=causal_step, group_step=group_step)
+
+
+_STATIC = ("config", "num_tokens", "top_k", "use_top_p", "guided", "record_logits")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _decode(params, labels, keys, cfg_scale, temperature, top_p, gradual, **static):
+  c, num_tokens = static["config"], static["num_tokens"]
+  steps = _decode_steps(params, labels, keys, cfg_scale, temperature, top_p, gradual, **static)
+  state = jax.lax.fori_loop(0, min(num_tokens, c.causal_num), steps.causal_step, steps.initial)
+  for first, end, window in group_segments(c, num_tokens) if num_tokens > c.causal_num else []:
     state = state.replace(cache=kv_cache.grow_kv_cache(state.cache, window))
-    state = jax.lax.fori_loop(first, end, group_step, state)
+    state = jax.lax.fori_loop(first, end, steps.group_step, state)
   return state.codes, state.logits_cond, state.logits_uncond
+
+
+# The same pieces as separate programs, for a caller that wants the codes after every step.
+# Each returns the new state; `index` (the step) is traced, so one program serves every step of
+# a phase (the group step compiles once per cache window, as the segments of `_decode`).
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _initial_state(params, labels, keys, cfg_scale, temperature, top_p, gradual, **static):
+  return _decode_steps(params, labels, keys, cfg_scale, temperature, top_p, gradual,
+                       **static).initial
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("phase",), donate_argnames=("state",))
+def _one_step(params, labels, keys, cfg_scale, temperature, top_p, gradual, state, index, *,
+              phase, **static):
+  steps = _decode_steps(params, labels, keys, cfg_scale, temperature, top_p, gradual, **static)
+  step = steps.causal_step if phase == "causal" else steps.group_step
+  return step(index, state)
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def _grow(state, length):
+  return state.replace(cache=kv_cache.grow_kv_cache(state.cache, length))
 
 
 def _unwrap(params):
@@ -256,11 +296,9 @@ def _unwrap(params):
   return params
 
 
-def generate_codes_with_logits(gpt_params, gpt_config, labels, *, rng, cfg_scale=1.5,
-                               temperature=1.0, top_k=0, top_p=1.0, gradual_cfg=False,
-                               num_tokens=None, record_logits=True):
-  """`generate_codes`, also returning the logits that decided each code: (codes, cond, uncond)
-  with cond/uncond (B, num_tokens, V) float32 (the same array twice without guidance)."""
+def _prepare(gpt_params, gpt_config, labels, rng, cfg_scale, temperature, top_k, top_p,
+             gradual_cfg, num_tokens, record_logits):
+  """Validated (traced arguments, static arguments) of `_decode` and its pieces."""
   if not isinstance(gpt_config, GPTConfig):
     gpt_config = GPTConfig.from_dict(gpt_config)
   num_tokens = gpt_config.block_size if num_tokens is None else int(num_tokens)
@@ -268,10 +306,21 @@ def generate_codes_with_logits(gpt_params, gpt_config, labels, *, rng, cfg_scale
   _validate(gpt_config, labels, num_tokens, cfg_scale, top_k, top_p, temperature)
   labels = jnp.asarray(labels, jnp.int32)
   keys = _row_keys(rng, labels.shape[0])
-  return _decode(
-      _unwrap(gpt_params), labels, keys, jnp.float32(cfg_scale), jnp.float32(temperature),
-      jnp.float32(top_p), jnp.bool_(gradual_cfg), config=gpt_config, num_tokens=num_tokens,
-      top_k=top_k, use_top_p=top_p < 1.0, guided=cfg_scale != 1.0, record_logits=record_logits)
+  args = (_unwrap(gpt_params), labels, keys, jnp.float32(cfg_scale), jnp.float32(temperature),
+          jnp.float32(top_p), jnp.bool_(gradual_cfg))
+  static = dict(config=gpt_config, num_tokens=num_tokens, top_k=top_k, use_top_p=top_p < 1.0,
+                guided=cfg_scale != 1.0, record_logits=record_logits)
+  return args, static
+
+
+def generate_codes_with_logits(gpt_params, gpt_config, labels, *, rng, cfg_scale=1.5,
+                               temperature=1.0, top_k=0, top_p=1.0, gradual_cfg=False,
+                               num_tokens=None, record_logits=True):
+  """`generate_codes`, also returning the logits that decided each code: (codes, cond, uncond)
+  with cond/uncond (B, num_tokens, V) float32 (the same array twice without guidance)."""
+  args, static = _prepare(gpt_params, gpt_config, labels, rng, cfg_scale, temperature, top_k,
+                          top_p, gradual_cfg, num_tokens, record_logits)
+  return _decode(*args, **static)
 
 
 def generate_codes(gpt_params, gpt_config, labels, *, rng, cfg_scale=1.5, temperature=1.0,
@@ -289,3 +338,32 @@ def generate_codes(gpt_params, gpt_config, labels, *, rng, cfg_scale=1.5, temper
       top_k=top_k, top_p=top_p, gradual_cfg=gradual_cfg, num_tokens=num_tokens,
       record_logits=False)
   return codes
+
+
+def generate_codes_stepwise(gpt_params, gpt_config, labels, *, rng, cfg_scale=1.5,
+                            temperature=1.0, top_k=0, top_p=1.0, gradual_cfg=False,
+                            num_tokens=None):
+  """`generate_codes` one decoding step at a time: an iterator of (n, codes (B, n) int32), one
+  after each causal token and each group, n running over decodable_token_counts up to
+  num_tokens.
+
+  The steps are the functions `generate_codes` loops over inside one program, here each its own
+  compiled program (one for the causal step, one per cache window for the group step), so the
+  caller gets control back at every group boundary; the same key gives the same codes as
+  `generate_codes`. Arguments are checked at the call; each next() dispatches one step."""
+  args, static = _prepare(gpt_params, gpt_config, labels, rng, cfg_scale, temperature, top_k,
+                          top_p, gradual_cfg, num_tokens, record_logits=False)
+  return _stepwise(args, static)
+
+
+def _stepwise(args, static):
+  c, num_tokens = static["config"], static["num_tokens"]
+  state = _initial_state(*args, **static)
+  for i in range(min(num_tokens, c.causal_num)):
+    state = _one_step(*args, state, jnp.int32(i), phase="causal", **static)
+    yield i + 1, state.codes[:, :i + 1]
+  for first, end, window in group_segments(c, num_tokens) if num_tokens > c.causal_num else []:
+    state = _grow(state, window)
+    for j in range(first, end):
+      state = _one_step(*args, state, jnp.int32(j), phase="group", **static)
+      yield (j + 1) * c.group_size, state.codes[:, :(j + 1) * c.group_size]

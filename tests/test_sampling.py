@@ -85,6 +85,24 @@ def test_rows_are_independent_and_shorter_decodes_are_prefixes(params, guided_ru
   np.testing.assert_array_equal(np.asarray(short), np.asarray(guided_run[0])[:, :3])
 
 
+def test_stepwise_decode_gives_the_same_codes_step_by_step(params, guided_run):
+  """generate_codes_stepwise: one (n, codes) per causal token and per group, each the prefix of
+  the one-program decode with the same key (also when stopping early, and without guidance)."""
+  steps = list(sampling.generate_codes_stepwise(params, CONFIG, LABELS, rng=_keys(0), cfg_scale=1.5))
+  assert [n for n, _ in steps] == sampling.decodable_token_counts(CONFIG)
+  for n, codes in steps:
+    assert codes.shape == (3, n) and codes.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(codes), np.asarray(guided_run[0])[:, :n])
+  short = list(sampling.generate_codes_stepwise(params, CONFIG, LABELS, rng=_keys(2), cfg_scale=1.0,
+                                                temperature=0.7, num_tokens=12))
+  assert [n for n, _ in short] == [1, 2, 3, 4, 8, 12]
+  whole = sampling.generate_codes(params, CONFIG, LABELS, rng=_keys(2), cfg_scale=1.0,
+                                  temperature=0.7, num_tokens=12)
+  np.testing.assert_array_equal(np.asarray(short[-1][1]), np.asarray(whole))
+  with pytest.raises(ValueError, match="valid range"):   # checked at the call, not at next()
+    sampling.generate_codes_stepwise(params, CONFIG, np.array([10]), rng=jax.random.PRNGKey(0))
+
+
 def test_unguided_decode_matches_training_forward(params, forward):
   codes, cond, uncond = sampling.generate_codes_with_logits(
       params, CONFIG, LABELS, rng=_keys(2), cfg_scale=1.0, temperature=0.7)
