@@ -254,9 +254,14 @@ class GPT(nn.Module):
 
 def next_code_loss(logits, targets, valid=None):
   """Official training loss: mean cross-entropy of logits (B, N, V) against targets (B, N);
-  with `valid` (B,) only valid samples count (sum over valid positions / their count)."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  with `valid` (B,) only valid samples count (sum over valid positions / their count).
+
+  Computed as logsumexp(logits) - logits[target]: the float32 logits are the only (B, N, V)
+  array of the forward (no log-probabilities beside them), and the backward is one fused
+  softmax - one_hot over them."""
+  logits = logits.astype(jnp.float32)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = jax.nn.logsumexp(logits, axis=-1) - target_logits
   if valid is None:
     return nll.mean()
   weights = jnp.broadcast_to(valid.astype(jnp.float32)[:, None], nll.shape)
