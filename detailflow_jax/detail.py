@@ -10,13 +10,22 @@ import math
 import numpy as np
 
 
-def encoder_attention_mask(num_patches, num_latents, group_size, causal_num):
+# Values of the tokenizer config's `latent_mask` (the latent-to-latent block of the encoder mask).
+LATENT_MASKS = ("group_causal", "bidirectional")
+
+
+def encoder_attention_mask(num_patches, num_latents, group_size, causal_num,
+                           latent_mask="group_causal"):
   """Mask of the tokenizer encoder over [patch tokens; latent tokens], True = may attend.
 
-  Patches see only patches. Latents see every patch. Among latents, the first `causal_num`
-  are token-causal (groups of `group_size` that only see themselves and earlier tokens); every
-  later group sees its whole own group and all earlier latents.
+  Patches see only patches. Latents see every patch. Among latents ("group_causal", the paper),
+  the first `causal_num` are token-causal (groups of `group_size` that only see themselves and
+  earlier tokens); every later group sees its whole own group and all earlier latents.
+  "bidirectional" (an ablation, not the paper): every latent sees every latent, so token i also
+  depends on the queries after it; only the latent-to-latent block differs.
   """
+  if latent_mask not in LATENT_MASKS:
+    raise ValueError(f"latent_mask={latent_mask!r} must be one of {LATENT_MASKS}")
   if num_latents % group_size:
     raise ValueError(f"num_latents={num_latents} is not a multiple of group_size={group_size}")
   if causal_num % group_size:
@@ -25,6 +34,9 @@ def encoder_attention_mask(num_patches, num_latents, group_size, causal_num):
   allowed = np.zeros((p + m, p + m), dtype=bool)
   allowed[:p, :p] = True
   allowed[p:, :p] = True
+  if latent_mask == "bidirectional":
+    allowed[p:, p:] = True
+    return allowed
   latent = np.arange(m)
   # A later group sees up to the end of its own group; a causal-region token sees up to itself.
   group_end = (latent // group_size + 1) * group_size - 1

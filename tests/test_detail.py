@@ -166,3 +166,28 @@ def test_schedule_reads_tiny_layout():
   schedule = detail.resolution_schedule(tok)
   assert schedule.output_sizes() == (8, 16, 24, 32)
   assert schedule.token2dec_out_res == {1: 8, 2: 8, 3: 8, 4: 16, 8: 24, 12: 32, 16: 32}
+
+
+@pytest.mark.parametrize("group_size,causal_num", [(4, 4), (4, 8), (1, 1)])
+def test_bidirectional_latent_mask_differs_only_above_the_group_causal_limit(group_size,
+                                                                           causal_num):
+  p, m = 5, 16
+  causal = detail.encoder_attention_mask(p, m, group_size, causal_num)
+  both = detail.encoder_attention_mask(p, m, group_size, causal_num, "bidirectional")
+  np.testing.assert_array_equal(causal, detail.encoder_attention_mask(
+      p, m, group_size, causal_num, "group_causal"))
+  # Patch rows and latent-to-patch columns are the same: patches see patches only.
+  np.testing.assert_array_equal(both[:p], causal[:p])
+  np.testing.assert_array_equal(both[:, :p], causal[:, :p])
+  assert both[p:, p:].all()
+  # Latent i sees j > i only inside its own group past the causal region; those entries (and
+  # only those) are what the bidirectional mask adds.
+  i, j = np.arange(m)[:, None], np.arange(m)[None, :]
+  limit = np.where(i < causal_num, i, (i // group_size + 1) * group_size - 1)
+  np.testing.assert_array_equal(both[p:, p:] & ~causal[p:, p:], j > limit)
+  hidden = int((j > limit).sum())
+  expected = m * (m - 1) // 2 - (m - causal_num) // group_size * (
+      group_size * (group_size - 1) // 2)
+  assert hidden == expected
+  with pytest.raises(ValueError, match="latent_mask"):
+    detail.encoder_attention_mask(p, m, group_size, causal_num, "causal")

@@ -22,6 +22,9 @@ def tokenizer_model_config():
   c.num_tokens = 128          # N
   c.group_size = 8            # g
   c.causal_num = 8            # first tokens decoded one by one
+  # Latent-to-latent block of the encoder mask: group_causal (the paper) | bidirectional (the
+  # ablation of docs/reproduction.md: every latent sees every latent; no official equivalent).
+  c.latent_mask = "group_causal"
   c.degradation_power = 1.5   # alpha in R(n)
   c.min_decoder_size = 16     # official min_dec_res
   c.codebook_size = 8192

@@ -82,6 +82,10 @@ def official_tower(tower):
 
 def tokenizer_model_args(c):
   """Official tokenizer ModelArgs (config.json) for our `tokenizer` config section."""
+  if c.get("latent_mask", "group_causal") != "group_causal":
+    # The official causal_encoder=False is full attention (patches see latents too), not this.
+    raise ValueError(f"latent_mask={c.latent_mask!r} has no official equivalent; only "
+                     "'group_causal' tokenizers can be exported")
   enc_model, enc_pretrained = official_tower(c.encoder)
   dec_model, dec_pretrained = official_tower(c.decoder)
   return dict(

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from detailflow_jax import detail
 from detailflow_jax.models import quantizer as vq
 from detailflow_jax.models import vit
 from detailflow_jax.models.tokenizer_towers import LatentDecoder, LatentEncoder
@@ -34,8 +35,15 @@ def _is_static_int(x):
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+def latent_mask(c):
+  """The config's latent_mask ("group_causal" for configs saved before the key existed)."""
+  return c.get("latent_mask", "group_causal")
+
+
 def validate_tokenizer_config(c):
   """Raises ValueError for a `tokenizer` config the model cannot be built from."""
+  if latent_mask(c) not in detail.LATENT_MASKS:
+    raise ValueError(f"latent_mask={latent_mask(c)!r} must be one of {detail.LATENT_MASKS}")
   if c.num_tokens % c.group_size or c.causal_num % c.group_size:
     raise ValueError(f"num_tokens={c.num_tokens} and causal_num={c.causal_num} must be multiples "
                      f"of group_size={c.group_size}")
@@ -73,7 +81,8 @@ class DetailFlowTokenizer(nn.Module):
     enc, dec = c.encoder, c.decoder
     self.encoder = LatentEncoder(
         enc.width, enc.depth, enc.num_heads, enc.mlp_dim, enc.patch_size, enc.pos_grid,
-        c.num_tokens, c.group_size, c.causal_num, enc.layer_norm_eps, self.dtype, self.precision)
+        c.num_tokens, c.group_size, c.causal_num, enc.layer_norm_eps, self.dtype, self.precision,
+        latent_mask(c))
     self.decoder = LatentDecoder(
         dec.width, dec.depth, dec.num_heads, dec.mlp_dim, dec.patch_size, dec.pos_grid,
         c.num_tokens, dec.layer_norm_eps, self.dtype, self.precision)

@@ -30,7 +30,8 @@ def _trunc_normal_002(key, shape, dtype=jnp.float32):
 
 
 class LatentEncoder(nn.Module):
-  """Patch tokens + M learned latent queries through a SigLIP2 tower with the group-causal mask.
+  """Patch tokens + M learned latent queries through a SigLIP2 tower with the group-causal mask
+  (`latent_mask`: detail.encoder_attention_mask; "bidirectional" is the study's ablation).
 
   __call__(images NHWC, num_latents=None, latent_inputs=None) -> (patch_hidden (B, P, D),
   latent_hidden (B, M, D)), both after post_layernorm. `latent_inputs` (B, M, D) replaces the
@@ -49,6 +50,7 @@ class LatentEncoder(nn.Module):
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   precision: Any = None
+  latent_mask: str = "group_causal"
 
   def setup(self):
     self.embeddings = vit.SiglipPatchEmbeddings(
@@ -81,7 +83,8 @@ class LatentEncoder(nn.Module):
       latents = latent_inputs
     latents = latents + self.latent_pos_embed[:, :m]
     x = jnp.concatenate([tokens, latents.astype(tokens.dtype)], axis=1)
-    mask = detail.encoder_attention_mask(num_patches, m, self.group_size, self.causal_num)
+    mask = detail.encoder_attention_mask(num_patches, m, self.group_size, self.causal_num,
+                                         self.latent_mask)
     out = self.transformer(x, mask)
     return out[:, :num_patches], out[:, num_patches:]
 
