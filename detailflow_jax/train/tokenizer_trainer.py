@@ -96,6 +96,7 @@ def make_step_fn(config, objective, abstract_state, state_shardings, mesh, warm=
     with mesh:
       return compiled[key](state, sharding.shard_batch(host_batch, mesh), frozen)
 
+  step.compiled = compiled  # {variant key: compiled step}, for benchmarks/train_step.py
   return step
 
 
