@@ -32,12 +32,15 @@ setup(
     version="0.1.0",
     description="DetailFlow: 1D coarse-to-fine autoregressive image generation in JAX/Flax",
     packages=find_packages(include=["detailflow_jax", "detailflow_jax.*"]),
+    package_data={"detailflow_jax.serve": ["page.html"]},   # the demo page
     # jax, jaxlib, flax, orbax-checkpoint, grain, numpy, scipy and Pillow at the versions above
     # all declare Requires-Python >= 3.11.
     python_requires=">=3.11",
     install_requires=RUNTIME,
     extras_require={
-        "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0"],
+        # selenium drives Debian's headless Chromium in tests/test_serve.py (the demo page);
+        # launch/setup.sh test installs chromium and chromium-driver with apt.
+        "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "selenium>=4.51.0"],
         # torch is only needed to read/write official .pt checkpoints (imported on demand);
         # it is not in constraints.txt: the tests run without it.
         "torch": ["torch>=2.1"],

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: Debian's Fashion-MNIST, a virtualenv in .venv with the
-# package (and the test extra with `setup.sh test`), and the FID Inception weights.
+# package (and with `setup.sh test` the test extra and Debian's Chromium for the browser test),
+# and the FID Inception weights.
 # Safe to re-run: each step is skipped when already done.
 #
 # The packages are the tested set in constraints.txt (what CI runs). To try the newest releases
@@ -9,11 +10,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-}"
 
+SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
+apt_updated=0
+apt_install() {
+  [ "$apt_updated" = 1 ] || { $SUDO apt-get update -qq; apt_updated=1; }
+  $SUDO apt-get install -y -qq "$@"
+}
+
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   echo "[setup] installing Debian's dataset-fashion-mnist"
-  SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq dataset-fashion-mnist
+  apt_install dataset-fashion-mnist
+fi
+
+# The demo page's browser test (tests/test_serve.py) drives Debian's headless Chromium.
+if [ "$extra" = "test" ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
+  echo "[setup] installing Debian's chromium and chromium-driver (browser test of the demo page)"
+  apt_install chromium chromium-driver
 fi
 
 if [ ! -x .venv/bin/python ]; then
