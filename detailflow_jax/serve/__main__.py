@@ -28,8 +28,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:   # orbax logs every restore at INFO; --verbosity=0
     logging.set_verbosity(logging.WARNING)   # shows them and one line per request
   compilation_cache.enable()
-  demo = demo_lib.Demo.from_workdirs(_TOKENIZER.value, _GPT.value, cfg_scale=_CFG.value,
-                                     temperature=_TEMPERATURE.value)
+  try:
+    demo = demo_lib.Demo.from_workdirs(_TOKENIZER.value, _GPT.value, cfg_scale=_CFG.value,
+                                       temperature=_TEMPERATURE.value)
+  except ValueError as error:   # not a workdir, no checkpoint, a mismatched pair: say which
+    raise SystemExit(f"error: {error}") from None
   if _WARM.value:
     print("compiling the sampler and the decodes ...", flush=True)
     print(f"ready in {demo.warm():.1f} s", flush=True)
