@@ -183,8 +183,9 @@ class GPT(nn.Module):
     self.tok_embeddings = _embed(c.vocab_size, c.dim, ("vocab", "embed"), dt)
     # The official special embeddings are created after its weight init, so they keep
     # torch's default N(0, 1).
-    self.spe_tok_embeddings = _embed(c.group_size - 1, c.dim, ("special", "embed"), dt,
-                                     nn.initializers.normal(1.0))
+    if c.group_size > 1:  # g = 1 (plain next-token prediction) has no special tokens
+      self.spe_tok_embeddings = _embed(c.group_size - 1, c.dim, ("special", "embed"), dt,
+                                       nn.initializers.normal(1.0))
     self.token_dropout = nn.Dropout(c.token_dropout)
     self.layers = [GPTBlock(c, name=f"layers_{i}") for i in range(c.num_layers)]
     self.norm = RMSNorm(c.norm_eps, dt)
@@ -200,7 +201,10 @@ class GPT(nn.Module):
 
   def special_embeddings(self):
     """(g - 1, dim): the learned tokens inserted after the first causal_num codes."""
-    return self.spe_tok_embeddings.embedding.astype(self.config.compute_dtype)
+    c = self.config
+    if c.group_size == 1:  # no param: orbax cannot save a zero-size array
+      return jnp.zeros((0, c.dim), c.compute_dtype)
+    return self.spe_tok_embeddings.embedding.astype(c.compute_dtype)
 
   def logits(self, h):
     return self.output(self.norm(h)).astype(jnp.float32)
