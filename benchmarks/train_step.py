@@ -12,7 +12,8 @@ Rows, each the median of --repeats steps after --warmup steps (the first call co
   * the official PyTorch step with the same shapes, eager and under torch.compile, when
     --official (a checkout of ByteFlow-AI/DetailFlow) is given and --torch_python (default: this
     Python) can import torch. These rows run in a subprocess (benchmarks/pytorch_rows.py, which
-    says what they include).
+    says what they include). The compiled official tokenizer recompiles on the codebook usage
+    it returns as a Python float, so it gets --torch_compile_warmup steps of warm-up.
 
 FLOPs per step are XLA's cost analysis of our compiled step (every op, not only the matmuls);
 the official rows are given the same count, so GFLOP/s compare like with like. The machine's
@@ -190,7 +191,11 @@ def official_tokenizer_job(config, correction, args, compile_):
   return dict(
       kind="tokenizer", official=args.official, compile=compile_,
       batch=config.data.batch_size, noise_position=noise_position(config, correction),
-      warmup=max(args.warmup, 2) if compile_ else args.warmup, repeats=args.repeats,
+      # The official quantizer returns Python floats (codebook usage) that torch.compile
+      # specialises on: it recompiles as they change, until its cache limit (8) sends that
+      # frame to eager. Steady state needs that many steps first.
+      warmup=max(args.warmup, args.torch_compile_warmup) if compile_ else args.warmup,
+      repeats=args.repeats,
       ema_decay=config.train.ema_decay,
       towers=dict(encoder=tower(t.encoder), decoder=tower(t.decoder)),
       tokenizer=dict(image_size=t.image_size, codebook_size=t.codebook_size,
@@ -290,6 +295,8 @@ def main():
                       help="a Python with torch for the official rows (default: this one)")
   parser.add_argument("--torch_modes", default="eager,compile")
   parser.add_argument("--torch_timeout", type=int, default=3600)
+  parser.add_argument("--torch_compile_warmup", type=int, default=10,
+                      help="warm-up steps of the official tokenizer under torch.compile")
   args = parser.parse_args()
 
   torch_version = None
