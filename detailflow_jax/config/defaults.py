@@ -140,7 +140,7 @@ def gpt_config(size="L"):
       vocab_size=8192, num_layers=layers, dim=dim, num_heads=heads, num_classes=1000,
       block_size=128, group_size=8, causal_num=8, cls_token_num=1, ffn_dim=0, norm_eps=1e-5,
       rope_base=10000.0, token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1,
-      class_dropout_prob=0.1, dtype="float32"))
+      class_dropout_prob=0.1, dtype="float32", dropout_bits=32))
 
 
 def extract_config():

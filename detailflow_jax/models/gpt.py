@@ -81,6 +81,31 @@ def sequence_attention(q, k, v, mask):
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+class PackedDropout(nn.Module):
+  """Element-wise dropout drawing `bits` random bits per decision, 32 // bits decisions from
+  each 32-bit word (see GPTConfig.dropout_bits); same scaling as nn.Dropout."""
+  rate: float
+  bits: int
+
+  @nn.compact
+  def __call__(self, x, deterministic):
+    if deterministic or self.rate == 0.0:
+      return x
+    per_word = 32 // self.bits
+    words = jax.random.bits(self.make_rng("dropout"), (-(-x.size // per_word),), jnp.uint32)
+    shifts = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(self.bits)
+    draws = (words[:, None] >> shifts) & jnp.uint32((1 << self.bits) - 1)
+    draws = draws.reshape(-1)[:x.size].reshape(x.shape)
+    keep_prob = 1.0 - self.rate
+    keep = draws < jnp.uint32(round(keep_prob * (1 << self.bits)))
+    return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+def _dropout(rate, bits):
+  """nn.Dropout (32 bits per decision) or PackedDropout: both called (x, deterministic)."""
+  return nn.Dropout(rate) if bits == 32 else PackedDropout(rate, bits)
+
+
 def _heads_first(x):
   return x.transpose(0, 2, 1, 3)
 
@@ -114,7 +139,7 @@ class Attention(nn.Module):
     c = self.config
     self.wqkv = _dense(3 * c.dim, ("embed", "qkv"), c.compute_dtype)
     self.wo = _dense(c.dim, ("heads", "embed"), c.compute_dtype)
-    self.resid_dropout = nn.Dropout(c.resid_dropout)
+    self.resid_dropout = _dropout(c.resid_dropout, c.dropout_bits)
 
   def _project(self, x, rope):
     c = self.config
@@ -153,7 +178,7 @@ class FeedForward(nn.Module):
     self.w1 = _dense(c.ffn_hidden, ("embed", "mlp"), c.compute_dtype)
     self.w3 = _dense(c.ffn_hidden, ("embed", "mlp"), c.compute_dtype)
     self.w2 = _dense(c.dim, ("mlp", "embed"), c.compute_dtype)
-    self.ffn_dropout = nn.Dropout(c.ffn_dropout)
+    self.ffn_dropout = _dropout(c.ffn_dropout, c.dropout_bits)
 
   def __call__(self, x, deterministic):
     out = self.w2(nn.silu(self.w1(x)) * self.w3(x))
@@ -196,7 +221,7 @@ class GPT(nn.Module):
     if c.group_size > 1:  # g = 1 (plain next-token prediction) has no special tokens
       self.spe_tok_embeddings = _embed(c.group_size - 1, c.dim, ("special", "embed"), dt,
                                        nn.initializers.normal(1.0))
-    self.token_dropout = nn.Dropout(c.token_dropout)
+    self.token_dropout = _dropout(c.token_dropout, c.dropout_bits)
     self.layers = [GPTBlock(c, name=f"layers_{i}") for i in range(c.num_layers)]
     self.norm = RMSNorm(c.norm_eps, dt)
     # Zero-initialised head, as the official initialize_weights.
