@@ -1,8 +1,9 @@
 """Wall time of one full training step: this project's against the official PyTorch code.
 
 Rows, each the median of --repeats steps after --warmup steps (the first call compiles):
-  * GPT (--gpt B,L): configs/ar_<size>.py at --gpt_batch, float32: forward, backward, clipping,
-    AdamW, EMA, through `ar_trainer.compiled_functions` (the program the trainer runs);
+  * GPT (--gpt B,L; tiny for a quick check): configs/ar_<size>.py at --gpt_batch, float32:
+    forward, backward, clipping, AdamW, EMA, through `ar_trainer.compiled_functions` (the
+    program the trainer runs), with gpt.dropout_bits = --gpt_dropout_bits;
   * tokenizer (--tokenizer tiny,paper): configs/tokenizer_tiny.py at its batch (the default
     run's tokenizer stage) and configs/tokenizer_128.py (the paper's DetailFlow-16) at
     --paper_batch with the overrides docs/tokenizer.md gives for this CPU (no SigLIP2 / DINO
@@ -73,9 +74,10 @@ def time_calls(fn, warmup, repeats):
 
 # ----------------------------------------------------------------------------------- GPT ---
 
-def gpt_config(size, batch):
+def gpt_config(size, batch, dropout_bits=32):
   config = files.load_config_file(str(ROOT / "configs" / f"ar_{size.lower()}.py"))
   config.gpt.dtype = "float32"
+  config.gpt.dropout_bits = dropout_bits
   config.data.batch_size = batch
   return config
 
@@ -283,6 +285,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--gpt", default="B", help="GPT sizes, e.g. B or B,L ('' to skip)")
   parser.add_argument("--gpt_batch", type=int, default=8)
+  parser.add_argument("--gpt_dropout_bits", type=int, default=32,
+                      help="gpt.dropout_bits of our rows (32: flax's nn.Dropout)")
   parser.add_argument("--tokenizer", default="tiny", help="tiny, paper or tiny,paper ('' to skip)")
   parser.add_argument("--tiny_batch", type=int, default=0, help="0: the config's batch")
   parser.add_argument("--paper_batch", type=int, default=2)
@@ -315,7 +319,7 @@ def main():
   table = Table(sampler.make_matmul_rate(1024, 768))
 
   for size in [s for s in args.gpt.split(",") if s]:
-    config = gpt_config(size, args.gpt_batch)
+    config = gpt_config(size, args.gpt_batch, args.gpt_dropout_bits)
     name = f"GPT-{size.upper()} ({config.gpt.num_layers}x{config.gpt.dim}, {config.gpt.block_size} tokens)"
     times, flops, compile_s = ours_gpt(config, args)
     ours = table.add(name, "ours (JAX)", args.gpt_batch, times, flops, compile_s)
