@@ -40,6 +40,7 @@ JOBS = {
     "eval_generator": "detailflow_jax.jobs.eval_generator:evaluate_generator",
     "eval_fid_reference": "detailflow_jax.jobs.eval_fid_reference:evaluate_fid_reference",
     "pipeline": "detailflow_jax.jobs.pipeline:run_pipeline",
+    "study": "detailflow_jax.jobs.study:run_study",
 }
 
 
