@@ -305,7 +305,7 @@ def compute_section(results):
     rows.append([name, arm["change"], fmt(pipeline.get("total_seconds"), ".0f"),
                  fmt(pipeline.get("sample_class_accuracy")), fmt(pipeline.get("classifier_fd"),
                                                                  ".2f")])
-  return markdown_table(["arm", "what it changes", "pipeline seconds",
+  return markdown_table(["arm", "what it changes", "pipeline seconds (the run that finished it)",
                          "in class (pipeline's samples)", "classifier FD (pipeline's samples)"],
                         rows)
 
