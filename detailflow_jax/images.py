@@ -1,4 +1,5 @@
 """PNG writing: image grids and coarse-to-fine strips."""
+import os
 import pathlib
 
 import numpy as np
@@ -38,10 +39,16 @@ def coarse_to_fine_strip(rows_of_images, size):
 
 
 def save_png(image, path):
+  """Writes a PNG through a temporary file and a rename: a killed job leaves no half a file."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   image = np.asarray(image)
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
-  Image.fromarray(image).save(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
   return path

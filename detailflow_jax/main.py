@@ -1,6 +1,8 @@
 """Entry point: python -m detailflow_jax.main --config=configs/<name>.py --workdir=DIR.
 
 The config's `job` field names what runs; every job is a function (config, workdir) -> None.
+SIGTERM stops any job at its next safe point with its work saved and exit status 0; the same
+command resumes (preemption.py).
 The console shows this package's lines and every warning, and library INFO (orbax, jax) only
 with --verbosity=0; WORKDIR/logs/<job>.log gets every record, each logged step's full metrics too.
 """
@@ -17,6 +19,7 @@ from ml_collections import config_flags
 from detailflow_jax import compilation_cache
 from detailflow_jax.config import files
 from detailflow_jax import distributed
+from detailflow_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
@@ -112,7 +115,13 @@ def main(argv):
   # Every job's config as text in WORKDIR/tensorboard, beside the scalars and images it writes.
   from detailflow_jax.train import metrics_writer  # pylint: disable=g-import-not-at-top
   metrics_writer.write_config(_WORKDIR.value, config)
-  job(config, _WORKDIR.value)
+  # SIGTERM from here on stops the job at its next safe point with its work saved, and the
+  # process exits 0; the same command resumes (preemption.py).
+  with preemption.sigterm_caught():
+    try:
+      job(config, _WORKDIR.value)
+    except preemption.Preempted as stopped:
+      print(stopped, flush=True)
 
 
 def run():

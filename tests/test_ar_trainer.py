@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from detailflow_jax import preemption
 from detailflow_jax import workdir_io
 from detailflow_jax.config.files import load_config_file
 from detailflow_jax.data import codes
@@ -98,6 +99,7 @@ def test_resume_after_restart_is_bit_exact(straight_run, codes_dir, tmp_path):
   stopped = ar_trainer.train_and_evaluate(smoke_config(codes_dir, 4), workdir,
                                           on_metrics=preempt_at_step_2)
   assert int(stopped.step) == 2
+  preemption.clear()  # the SIGTERM was acted on; a new process would start clear
   logged = []
   resumed = ar_trainer.train_and_evaluate(smoke_config(codes_dir, 4), workdir,
                                           on_metrics=logged.append)

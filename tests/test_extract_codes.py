@@ -159,6 +159,28 @@ def test_resume_with_other_settings_is_refused(setup, tmp_path):
     extract_codes.extract_codes(config, str(tmp_path / "work"))
 
 
+def test_codes_of_another_tokenizer_checkpoint_are_extracted_again(setup, tmp_path, capsys):
+  """A folder whose manifest names another tokenizer step (codes from a half-trained tokenizer,
+  say) is replaced by itself, never a dead end."""
+  codes_dir = tmp_path / "codes"
+  shutil.copytree(setup["codes_dir"], codes_dir)
+  manifest_path = codes_dir / codes.MANIFEST_FILE
+  stale = json.loads(manifest_path.read_text())
+  stale["tokenizer_step"] = 1
+  manifest_path.write_text(json.dumps(stale))
+  np.save(codes_dir / codes.shard_file_names(2)["codes"], np.zeros((1,), np.int64))  # not these
+  config = ar_config(setup["tok_dir"], setup["fmnist"], codes_dir)
+  summary = extract_codes.extract_codes(config, str(tmp_path / "work"))
+  assert "come from tokenizer step 1, the tokenizer is now at step 3" in capsys.readouterr().out
+  assert summary["replaced_stale_codes"] and summary["shards_written"] == [0, 1, 2]
+  assert codes.read_manifest(codes_dir)["tokenizer_step"] == 3
+  for index in range(3):
+    for a, b in zip(load_shard(setup["codes_dir"], index), load_shard(codes_dir, index)):
+      np.testing.assert_array_equal(a, b)
+  again = extract_codes.extract_codes(config, str(tmp_path / "work"))
+  assert not again["replaced_stale_codes"] and again["shards_skipped"] == [0, 1, 2]
+
+
 def test_ten_crop_views():
   image = np.arange(7 * 7 * 3, dtype=np.uint8).reshape(7, 7, 3)
   views = extract_codes.make_views(image, 5, flips=True, ten_crop=True)

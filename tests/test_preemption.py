@@ -1,6 +1,7 @@
 """Staying up: SIGTERM saves and exits 0 (one process and a two-process job), the same command
 resumes, and a run killed with SIGKILL at a random point resumes to bit-identical params and
-data order."""
+data order. In this process (fast): preemption.py's flag, its DETAILFLOW_SIGTERM_AT hook, and the
+training loop saving the step it stops at. The pipeline's stages: tests/test_pipeline.py."""
 import os
 import random
 import re
@@ -106,3 +107,78 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, fake_fmnist_dir, single_env
   for key, value in final_straight.items():
     np.testing.assert_array_equal(final_resumed[key], value, err_msg=f"{key} {context}")
   assert runs.data_state(killed_dir, 2 * k) == runs.data_state(straight_dir, 2 * k)
+
+
+# --- preemption.py in this process --------------------------------------------------------------
+
+@pytest.fixture
+def fresh_preemption(monkeypatch):
+  from detailflow_jax import preemption  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv(preemption.SIGTERM_AT_ENV, raising=False)
+  preemption.clear()
+  yield preemption
+  preemption.clear()
+
+
+def test_sigterm_caught_sets_the_flag_nests_and_restores_the_handler(fresh_preemption):
+  preemption = fresh_preemption
+  before = signal.getsignal(signal.SIGTERM)
+  with preemption.sigterm_caught():
+    with preemption.sigterm_caught():
+      assert not preemption.stop_requested()
+    inner_exit = signal.getsignal(signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)   # handled: the test process lives on
+    assert preemption.stop_requested() and preemption.reached("extract_batch")
+    assert preemption.train_step_boundary("ar_step")
+  assert inner_exit is not before          # the inner context left the outer handler in place
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sigterm_at_signals_at_the_kth_visit_of_a_point(fresh_preemption, monkeypatch):
+  preemption = fresh_preemption
+  monkeypatch.setenv(preemption.SIGTERM_AT_ENV, "extract_batch:2")
+  with preemption.sigterm_caught():
+    assert not preemption.reached("extract_batch")
+    assert not preemption.reached("sample_batch")
+    assert preemption.reached("extract_batch")
+  monkeypatch.setenv(preemption.SIGTERM_AT_ENV, "extract_shard:1")
+  with pytest.raises(ValueError, match="'extract_shard' is not a safe point"):
+    preemption.reached("extract_batch")
+
+
+def test_the_loop_saves_the_step_it_stops_at_and_returns(fresh_preemption, monkeypatch, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from detailflow_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  from detailflow_jax.train import loop  # pylint: disable=g-import-not-at-top
+  preemption = fresh_preemption
+  monkeypatch.setenv(preemption.SIGTERM_AT_ENV, "ar_step:3")
+  state = {"w": jnp.zeros((3,)), "step": jnp.zeros((), jnp.int32)}
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+  class Data:
+    index = 0
+
+    def __next__(self):
+      self.index += 1
+      return self.index
+
+    def get_state(self):
+      return {"next_index": self.index}
+
+    def set_state(self, data_state):
+      self.index = data_state["next_index"]
+
+  def step_fn(state, batch, step):
+    del batch, step
+    return {"w": state["w"] + 1.0, "step": state["step"] + 1}, {"loss": jnp.float32(1.0)}
+
+  out = loop.run(workdir=str(tmp_path), state=state, abstract_state=abstract, step_fn=step_fn,
+                 data_iterator=Data(), num_steps=10, log_every=5, checkpoint_every=5,
+                 keep_checkpoints=5, step_of=lambda s: s["step"], name="ar")
+  assert int(out["step"]) == 3 and preemption.stop_requested()
+  checkpointer = checkpoints.Checkpointer(tmp_path)
+  assert checkpointer.latest_step() == 3   # saved although 3 is no checkpoint step
+  _, data_state = checkpointer.restore(abstract)
+  checkpointer.close()
+  assert data_state == {"next_index": 3}

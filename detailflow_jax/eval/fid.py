@@ -16,6 +16,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import linalg
 
+from detailflow_jax import preemption
 from detailflow_jax.eval import inception
 
 
@@ -127,6 +128,9 @@ def compute_features(params, images_uint8_iter: Iterable[np.ndarray], batch_size
       print(f"inception features: {seen} images, {seen / (now - began):.1f} images/s", flush=True)
     if max_images is not None and seen >= max_images:
       break
+    if preemption.reached("inception_batch"):  # nothing is written before the pass ends
+      raise preemption.Preempted(f"SIGTERM: Inception features stopped after {seen} images; "
+                                 "run the same command to compute them again.")
   if not pools:
     raise ValueError("the image iterator yielded no images")
   return InceptionFeatures(np.concatenate(pools), np.concatenate(spatials))

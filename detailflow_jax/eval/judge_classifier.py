@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from detailflow_jax import preemption
+
 FEATURE_DIM = 128
 BATCH_SIZE = 500  # images per compiled call of predict / features
 
@@ -73,6 +75,9 @@ def train_judge(train_images, train_labels, *, epochs=3, batch_size=128, seed=0,
                                      jnp.asarray(train_labels[idx]), key)
     log(f"judge epoch {epoch + 1}/{epochs}: loss {float(loss):.4f} "
         f"({time.perf_counter() - start:.0f} s)")
+    if epoch + 1 < epochs and preemption.reached("judge_epoch"):
+      raise preemption.Preempted(f"SIGTERM: stopped training the judge after epoch {epoch + 1} "
+                                 f"of {epochs}; run the same command to train it again.")
   return params
 
 

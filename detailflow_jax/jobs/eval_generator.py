@@ -35,6 +35,7 @@ from absl import logging
 
 from detailflow_jax import api
 from detailflow_jax import detail
+from detailflow_jax import preemption
 from detailflow_jax import sampling
 from detailflow_jax.data import degrade
 from detailflow_jax.eval import classifier_fd
@@ -142,6 +143,10 @@ def generate_samples(npz_path, gpt, tok, labels, s, batch_size, mesh):
       done = start + count
       rate = done / (time.time() - began)
       print(f"eval_generator: {done}/{len(labels)} samples, {rate:.2f} images/s", flush=True)
+      if done < len(labels) and preemption.reached("eval_generator_batch"):
+        raise preemption.Preempted(
+            f"SIGTERM: sampling stopped after {done} of {len(labels)} samples ({npz_path} is "
+            "written only when complete); run the same command to sample again.")
   except BaseException:
     writer.member.close()
     writer.zip.close()

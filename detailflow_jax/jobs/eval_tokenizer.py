@@ -42,6 +42,7 @@ from absl import logging
 from detailflow_jax.config import eval_jobs
 from detailflow_jax import detail
 from detailflow_jax import images as image_io
+from detailflow_jax import preemption
 from detailflow_jax.data import degrade
 from detailflow_jax.data import pipeline
 from detailflow_jax.eval import classifier_fd
@@ -324,6 +325,10 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
       acc.code_counts += np.bincount(indices[:, :n].ravel(), minlength=tok_config.codebook_size)
     num_images += len(real)
     print(f"eval_tokenizer: {num_images} images, {time.time() - began:.0f} s", flush=True)
+    if preemption.reached("eval_tokenizer_batch"):
+      raise preemption.Preempted(
+          f"SIGTERM: tokenizer evaluation stopped after {num_images} images; it writes its "
+          f"results only when complete: run the same command to evaluate again.")
   if num_images == 0:
     raise ValueError(f"split {e.split!r} gave no images")
 
@@ -385,11 +390,13 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
       reference_cache=e.reference_cache or None)
   payload = dict(summary=summary, per_n=per_n, settings=settings,
                  seconds=time.time() - began)
-  path = eval_common.write_json(pathlib.Path(out_dir) / "metrics.json", payload)
+  pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
   tokenizer_report.plot_curves(per_n, pathlib.Path(out_dir) / "curve.png",
                                real_accuracy=summary["classifier_real_accuracy"])
   if tensorboard_workdir is not None:
     write_tensorboard(tensorboard_workdir, tensorboard_run(step, e.use_ema), per_n, summary)
+  # Last: a metrics.json on disk marks the evaluation complete (the pipeline skips it then).
+  path = eval_common.write_json(pathlib.Path(out_dir) / "metrics.json", payload)
   table = tokenizer_report.format_table(per_n, summary)
   print(f"eval_tokenizer:\n{table}\n{summary}\nwrote {path} and curve.png", flush=True)
   return payload

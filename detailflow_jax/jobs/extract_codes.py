@@ -9,9 +9,13 @@ noise position, drawn as the tokenizer training draws it for n = N and shared by
 Determinism: the noise position and the top-k draw of image i depend only on (config.seed, i),
 so the output does not depend on the batch size, the shard size or the number of processes.
 Resuming: shards whose codes file exists are skipped; files are written through a temporary
-file and a rename. Processes split the shards (process p takes shards p, p + P, ...), each using
-all its local devices. Images are read with the evaluation crop (deterministic ADM center crop,
-transforms.center_crop); the encode + self-correct program is compiled once.
+file and a rename. SIGTERM stops the job after the batch in progress (preemption.py): finished
+shards stay, the shard in progress is encoded again by the next run. Codes of another tokenizer
+checkpoint than the one now in extract.tokenizer_workdir (the tokenizer trained on since) are
+replaced: the next run deletes them and extracts again. Processes split the shards (process p
+takes shards p, p + P, ...), each using all its local devices. Images are read with the
+evaluation crop (deterministic ADM center crop, transforms.center_crop); the encode +
+self-correct program is compiled once.
 """
 import dataclasses
 import functools
@@ -29,6 +33,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from detailflow_jax import detail
+from detailflow_jax import preemption
 from detailflow_jax import workdir_io
 from detailflow_jax.data import codes as codes_format
 from detailflow_jax.data import sources
@@ -203,9 +208,22 @@ def build_manifest(*, tokenizer_config, num_images, shard_size, views, num_class
       tokenizer=t.to_dict() if hasattr(t, "to_dict") else dict(t), **extra)
 
 
+# Manifest keys naming the tokenizer checkpoint that made the codes. Codes of another checkpoint
+# are stale and get replaced; other differences (split, seed, views ...) are refused, since
+# resuming would then mix codes of two settings.
+TOKENIZER_KEYS = ("tokenizer", "tokenizer_step", "use_ema")
+
+
 def write_or_check_manifest(codes_dir, manifest, process_index=None):
-  """Writes the manifest (process 0), or checks that an existing one describes the same run."""
+  """Writes the manifest (process 0), or checks that an existing one describes the same run.
+
+  Returns True when the existing codes came from another tokenizer checkpoint (TOKENIZER_KEYS
+  differ): process 0 then deletes them and writes the new manifest, so every shard is extracted
+  again. In a JAX cluster the other processes leave that to process 0 (extract_codes waits for
+  it); a separate run with process_index > 0 refuses, as process 0 must replace them first."""
   path = pathlib.Path(codes_dir) / codes_format.MANIFEST_FILE
+  pid = jax.process_index() if process_index is None else process_index
+  stale = False
   if path.is_file():
     existing = codes_format.read_manifest(codes_dir)
     expected = _json_round_trip(manifest)
@@ -213,13 +231,38 @@ def write_or_check_manifest(codes_dir, manifest, process_index=None):
     # config and checkpoint step are what define the codes.
     keys = (set(existing) | set(expected)) - {"tokenizer_workdir"}
     different = sorted(k for k in keys if existing.get(k) != expected.get(k))
-    if different:
+    if not different:
+      return False
+    if not set(different) & set(TOKENIZER_KEYS):
       raise ValueError(
           f"{path} was written by a different extraction (differs in {different}); resuming "
           "would mix codes. Use an empty data.codes_dir (or delete that folder) to start over.")
-    return
-  if (jax.process_index() if process_index is None else process_index) == 0:
+    if pid != 0:
+      if jax.process_count() == 1:
+        raise ValueError(
+            f"{codes_dir} holds codes of another tokenizer checkpoint (differs in {different});"
+            " process 0 replaces them: run it first")
+      return True
+    print(f"extract_codes: the codes in {codes_dir} come from tokenizer step "
+          f"{existing.get('tokenizer_step')}, the tokenizer is now at step "
+          f"{expected.get('tokenizer_step')} (differs in {different}); deleting them and "
+          "extracting again", flush=True)
+    delete_codes(codes_dir, existing)
+    stale = True
+  if pid == 0:
     workdir_io.write_text_atomically(path, _to_json(manifest))
+  return stale
+
+
+def delete_codes(codes_dir, manifest):
+  """Deletes the shard files a manifest lists: every codes file first (their presence marks a
+  shard complete), so an interrupted deletion leaves no shard that looks complete."""
+  names = [codes_format.shard_file_names(s["index"]) for s in manifest.get("shards", [])]
+  for key in ("codes", "labels", "noise_positions"):
+    for shard in names:
+      (pathlib.Path(codes_dir) / shard[key]).unlink(missing_ok=True)
+  for shard in manifest.get("shards", []):
+    _remove_stale_temporaries(codes_dir, shard["index"])
 
 
 def _to_json(value):
@@ -287,7 +330,10 @@ def extract_codes(config, workdir, process_index=None, process_count=None):
   pcount = jax.process_count() if process_count is None else int(process_count)
   if not 0 <= pid < pcount:
     raise ValueError(f"process_index={pid} must be in [0, process_count={pcount})")
-  write_or_check_manifest(out_dir, manifest, pid)
+  replaced = write_or_check_manifest(out_dir, manifest, pid)
+  if jax.process_count() > 1:  # process 0 may be replacing stale codes: wait for it
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("extract_codes_manifest")
 
   missing = set(codes_format.missing_shards(out_dir, manifest))
   done = {s["index"] for s in manifest["shards"]} - missing
@@ -303,7 +349,8 @@ def extract_codes(config, workdir, process_index=None, process_count=None):
   jobs = [BatchJob(s, b, min(b + batch, first + count))
           for s, first, count in todo for b in range(first, first + count, batch)]
   summary = dict(codes_dir=str(out_dir), shards_written=[s for s, _, _ in todo],
-                 shards_skipped=skipped, images=sum(c for _, _, c in todo))
+                 shards_skipped=skipped, images=sum(c for _, _, c in todo),
+                 replaced_stale_codes=replaced)
   if jobs:
     loader = LoadBatch(source, crop_size, image_size, bool(ex.flips), bool(ex.ten_crop), batch,
                        int(config.seed), schedule)
@@ -345,6 +392,11 @@ def _run(jobs, loader, encoder, out_dir, manifest, num_workers, process_index):
       if remaining_batches[shard] == 0:
         shard_parts = parts.pop(shard)
         write_shard(out_dir, shard, *(np.concatenate(a) for a in zip(*shard_parts)))
+      if preemption.reached("extract_batch"):
+        complete = len(manifest["shards"]) - len(codes_format.missing_shards(out_dir, manifest))
+        raise preemption.Preempted(
+            f"SIGTERM: code extraction stopped with {complete} of {len(manifest['shards'])} "
+            f"shards complete in {out_dir}; run the same command to extract the rest.")
   seconds = time.perf_counter() - start_time
   first_count = jobs[0].stop - jobs[0].start
   steady = time.perf_counter() - first_batch_time

@@ -10,6 +10,8 @@ import pathlib
 
 import numpy as np
 
+from detailflow_jax import preemption
+from detailflow_jax import workdir_io
 from detailflow_jax.eval import classifier_fd
 
 fashion_mnist_arrays = classifier_fd.fashion_mnist_arrays  # kept for callers of the old home
@@ -20,6 +22,9 @@ def judge_samples(workdir, samples_uint8, labels, fashion_mnist_dir, epochs=3, l
   """Scores the samples with the fixed judge; writes WORKDIR/judge_report.json and returns it."""
   log = log or functools.partial(print, flush=True)
   judge = classifier_fd.fixed_judge(fashion_mnist_dir, epochs, seed, cache_dir, log)
+  if preemption.reached("judge"):
+    raise preemption.Preempted("SIGTERM: stopped before scoring the samples (the judge is "
+                               "cached); run the same command to score them.")
   scores = classifier_fd.score_samples(judge, np.asarray(samples_uint8), labels)
   report = dict(judge_test_accuracy=judge.test_accuracy,
                 sample_class_accuracy=scores["classifier_in_class_fraction"],
@@ -27,8 +32,7 @@ def judge_samples(workdir, samples_uint8, labels, fashion_mnist_dir, epochs=3, l
                 num_samples=scores["num_images"], classifier_fd=scores["classifier_fd"],
                 judge=judge.describe())
   path = pathlib.Path(workdir) / "judge_report.json"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(report, indent=2))
+  workdir_io.write_text_atomically(path, json.dumps(report, indent=2))
   log(f"judge: test accuracy {judge.test_accuracy:.4f}; samples in their conditioning class: "
       f"{report['sample_class_accuracy']:.4f} of {report['num_samples']}; classifier FD "
       f"against the test split {report['classifier_fd']:.3f} ({path})")

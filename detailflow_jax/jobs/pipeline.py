@@ -4,14 +4,20 @@ tokenizer/ (train) -> tokenizer_eval/ (PSNR per prefix) -> codes/ (extract) -> a
 samples/ (grid, strips, npz) -> judge/ (the fixed judge's accuracy and classifier FD of the
 samples; the judge is trained once and cached, eval/classifier_fd.py).
 Every stage resumes or is skipped when its output is complete, so rerunning the command after an
-interruption continues where it stopped. The stages run in this process, not through main.py,
-so the pipeline writes each stage's config as the `config` text of its tensorboard/ folder.
+interruption continues where it stopped: the trainers resume from their checkpoints, extraction
+from its shards, the tokenizer check and the samples are kept when they were made from the same
+checkpoints with the same settings. SIGTERM stops the stage in progress at its next safe point
+(preemption.py), what it has done saved, and no later stage starts; the process exits 0 and the
+same command resumes, ending with the same params, codes and samples as an uninterrupted run.
+The stages run in this process, not through main.py, so the pipeline writes each stage's config
+as the `config` text of its tensorboard/ folder.
 """
 import copy
 import json
 import pathlib
 import time
 
+from detailflow_jax import preemption
 from detailflow_jax import workdir_io
 from detailflow_jax.train import metrics_writer
 
@@ -19,9 +25,31 @@ from detailflow_jax.train import metrics_writer
 def _stage(name, fn):
   start = time.perf_counter()
   print(f"==> {name}", flush=True)
-  result = fn()
+  try:
+    result = fn()
+  except preemption.Preempted as stopped:
+    raise preemption.Preempted(f"{stopped}\nThe pipeline stopped in stage '{name}'; no later "
+                               "stage started.") from None
+  # A trainer stopped by SIGTERM saves its step and returns normally: check before going on.
+  if preemption.reached("stage_end"):
+    raise preemption.Preempted(
+        f"SIGTERM: the pipeline stopped after stage '{name}' (its work is saved); no later stage "
+        "started. Run the same command to resume.")
   print(f"<== {name}: {time.perf_counter() - start:.0f} s", flush=True)
   return result
+
+
+def tokenizer_eval_is_current(out_dir, tokenizer_workdir, eval_cfg):
+  """True when out_dir/metrics.json (written last by the evaluation) is of the tokenizer's
+  latest checkpoint with these tokenizer_eval settings."""
+  path = pathlib.Path(out_dir) / "metrics.json"
+  if not path.is_file():
+    return False
+  settings = json.loads(path.read_text()).get("settings", {})
+  evaluated = settings.get("config", {}).get("eval", {})
+  wanted = json.loads(json.dumps(eval_cfg.to_dict()))
+  return (settings.get("checkpoint_step") == workdir_io.resolve_step(tokenizer_workdir)
+          and all(evaluated.get(k) == v for k, v in wanted.items()))
 
 
 def stage_configs(config, workdir):
@@ -68,25 +96,35 @@ def run_pipeline(config, workdir):
   cfg = stage_configs(config, w)
   write_stage_configs(config, cfg, w)
   start = time.perf_counter()
-  _stage("train tokenizer", lambda: tokenizer_trainer.train_and_evaluate(cfg["tokenizer"], w / "tokenizer"))
-  if config.tokenizer_eval.num_images:
-    eval_cfg = copy.deepcopy(config.tokenizer_eval)
-    _stage("evaluate tokenizer", lambda: eval_tokenizer.evaluate_prefixes(
-        str(w / "tokenizer"), str(w / "tokenizer_eval"), eval_cfg, cfg["tokenizer"].data))
-  _stage("extract codes", lambda: extract_codes.extract_codes(cfg["extract"], w / "codes"))
-  _stage("train GPT", lambda: ar_trainer.train_and_evaluate(cfg["ar"], w / "ar"))
-  images, labels = _stage("sample", lambda: sample.sample_job(cfg["sample"], w / "samples"))
-  if config.tokenizer_run.data.source == "fashion_mnist":
-    report = _stage("judge samples", lambda: judge.judge_samples(
-        w / "judge", images, labels, config.tokenizer_run.data.fashion_mnist_dir,
-        epochs=config.judge.epochs))
-  else:  # the fixed judge is a Fashion-MNIST classifier
-    print(f"==> judge samples: skipped (no judge for data.source="
-          f"{config.tokenizer_run.data.source!r})", flush=True)
-    report = {}
+  with preemption.sigterm_caught():  # for callers that bypass main.py
+    _stage("train tokenizer", lambda: tokenizer_trainer.train_and_evaluate(
+        cfg["tokenizer"], w / "tokenizer"))
+    if config.tokenizer_eval.num_images:
+      eval_cfg = copy.deepcopy(config.tokenizer_eval)
+      if tokenizer_eval_is_current(w / "tokenizer_eval", w / "tokenizer", eval_cfg):
+        print(f"==> evaluate tokenizer: {w / 'tokenizer_eval'}/metrics.json is of the "
+              "tokenizer's latest checkpoint with these settings; kept", flush=True)
+      else:
+        _stage("evaluate tokenizer", lambda: eval_tokenizer.evaluate_prefixes(
+            str(w / "tokenizer"), str(w / "tokenizer_eval"), eval_cfg, cfg["tokenizer"].data))
+    extracted = _stage("extract codes",
+                       lambda: extract_codes.extract_codes(cfg["extract"], w / "codes"))
+    if extracted.get("replaced_stale_codes") and workdir_io.checkpoint_steps(w / "ar"):
+      print(f"warning: {w / 'ar'} holds a GPT trained on the codes just replaced; it resumes from "
+            f"its checkpoint. Delete that folder to train the GPT on the new codes.", flush=True)
+    _stage("train GPT", lambda: ar_trainer.train_and_evaluate(cfg["ar"], w / "ar"))
+    images, labels = _stage("sample", lambda: sample.sample_job(cfg["sample"], w / "samples"))
+    if config.tokenizer_run.data.source == "fashion_mnist":
+      report = _stage("judge samples", lambda: judge.judge_samples(
+          w / "judge", images, labels, config.tokenizer_run.data.fashion_mnist_dir,
+          epochs=config.judge.epochs))
+    else:  # the fixed judge is a Fashion-MNIST classifier
+      print(f"==> judge samples: skipped (no judge for data.source="
+            f"{config.tokenizer_run.data.source!r})", flush=True)
+      report = {}
   total = time.perf_counter() - start
   summary = dict(report, total_seconds=total)
-  (w / "summary.json").write_text(json.dumps(summary, indent=2))
+  workdir_io.write_text_atomically(w / "summary.json", json.dumps(summary, indent=2))
   judged = (f"samples in their class {report['sample_class_accuracy']:.3f} (judge test "
             f"accuracy {report['judge_test_accuracy']:.3f}), classifier FD "
             f"{report['classifier_fd']:.3f}; " if report else "")

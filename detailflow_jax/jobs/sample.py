@@ -5,7 +5,12 @@ grid.png has one row per class, labelled with the class name (Fashion-MNIST) or 
 coarse_to_fine.png has one row per class (its first sample) and one column per prefix length,
 labelled "n=..." and R(n). Both are upscaled x3 with nearest neighbour (labelled_grid.py) and
 also written to WORKDIR/tensorboard as the images sample/grid and sample/coarse_to_fine at the
-GPT checkpoint's step, so successive checkpoints' samples line up on TensorBoard's step slider."""
+GPT checkpoint's step, so successive checkpoints' samples line up on TensorBoard's step slider.
+
+SIGTERM stops sampling after the batch in progress (preemption.py); nothing is written until every
+sample is decoded, each file through a temporary file and a rename, and sample_settings.json (the
+settings and the two checkpoint steps) last. A rerun whose settings and checkpoints match a
+complete sample_settings.json keeps the samples; otherwise it samples again."""
 import json
 import pathlib
 import time
@@ -19,11 +24,13 @@ from detailflow_jax import api
 from detailflow_jax import detail
 from detailflow_jax import images as image_io
 from detailflow_jax import labelled_grid
+from detailflow_jax import preemption
 from detailflow_jax import workdir_io
 from detailflow_jax.data import fashion_mnist
 from detailflow_jax.train import metrics_writer
 
 STRIP_ROWS = 10
+SETTINGS_FILE = "sample_settings.json"  # written last: the samples are complete
 
 
 def sample_settings(config):
@@ -55,6 +62,10 @@ def generate(params, labels, *, seed, batch_size, settings, log_every=10):
       done = hi
       rate = done / (time.perf_counter() - start)
       print(f"sampled {done}/{len(labels)} images ({rate:.2f} images/s)", flush=True)
+    if preemption.reached("sample_batch"):
+      raise preemption.Preempted(
+          f"SIGTERM: sampling stopped after {hi} of {len(labels)} images; nothing is written "
+          "until all are done: run the same command to sample again.")
   return np.concatenate(codes)
 
 
@@ -96,7 +107,8 @@ def write_outputs(out_dir, tokenizer, codes, labels, num_classes, per_class, row
   out_dir = pathlib.Path(out_dir)
   row_names = list(row_names) if row_names is not None else class_names("", num_classes)
   images = image_io.to_uint8(np.clip(decode_all(tokenizer, codes), -1, 1))
-  np.savez(out_dir / "samples.npz", arr_0=images, arr_1=labels)
+  workdir_io.replace_atomically(out_dir / "samples.npz",
+                                lambda f: np.savez(f, arr_0=images, arr_1=labels))
   cols = min(per_class, 10)
   rows_idx = [c * per_class + i for c in range(num_classes) for i in range(cols)]
   grid = labelled_grid.labelled_grid(images[rows_idx], num_classes, cols, row_names)
@@ -118,25 +130,53 @@ def write_outputs(out_dir, tokenizer, codes, labels, num_classes, per_class, row
   return images
 
 
+def sampling_record(config):
+  """What determines the samples: the settings, the seed, the counts and the checkpoints read."""
+  s = config.sample
+  return dict(sample_settings(config), seed=s.seed, per_class=s.per_class,
+              tokenizer_workdir=s.tokenizer_workdir, gpt_workdir=s.gpt_workdir,
+              tokenizer_step=workdir_io.resolve_step(s.tokenizer_workdir),
+              gpt_step=workdir_io.resolve_step(s.gpt_workdir))
+
+
+def complete_samples(out_dir, record):
+  """(images, labels) of samples already written in out_dir with this record; else None."""
+  out_dir = pathlib.Path(out_dir)
+  settings_path = out_dir / SETTINGS_FILE
+  if not settings_path.is_file():
+    return None
+  written = json.loads(settings_path.read_text())
+  written.pop("num_images", None)
+  if written != json.loads(json.dumps(record)):
+    return None
+  with np.load(out_dir / "samples.npz") as data:
+    return data["arr_0"], data["arr_1"]
+
+
 def sample_job(config, workdir):
   """Samples `sample.per_class` images of every class with the trained tokenizer + GPT."""
   s = config.sample
+  out_dir = pathlib.Path(workdir)
+  record = sampling_record(config)
+  done = complete_samples(out_dir, record)
+  if done is not None:
+    print(f"samples in {out_dir} are complete for these settings and checkpoints; kept",
+          flush=True)
+    return done
   params = api.load_sampler_params(s.tokenizer_workdir, s.gpt_workdir)
   num_classes = params.gpt_config.num_classes
   labels = class_labels(num_classes, s.per_class)
   settings = sample_settings(config)
   logging.info("sampling %d images with %s", len(labels), settings)
   codes = generate(params, labels, seed=s.seed, batch_size=s.batch_size, settings=settings)
-  out_dir = pathlib.Path(workdir)
   out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / SETTINGS_FILE).unlink(missing_ok=True)  # written again last, once all is written
   names = class_names(tokenizer_data_source(s.tokenizer_workdir), num_classes)
-  gpt_step = workdir_io.resolve_step(s.gpt_workdir)  # the checkpoint params were read from
   images = write_outputs(out_dir, params.tokenizer, codes, labels, num_classes, s.per_class,
-                         names, tensorboard_step=gpt_step)
-  np.save(out_dir / "codes.npy", codes)
-  (out_dir / "sample_settings.json").write_text(json.dumps(dict(
-      settings, seed=s.seed, per_class=s.per_class, tokenizer_workdir=s.tokenizer_workdir,
-      gpt_workdir=s.gpt_workdir, num_images=len(labels)), indent=2))
+                         names, tensorboard_step=record["gpt_step"])
+  workdir_io.replace_atomically(out_dir / "codes.npy", lambda f: np.save(f, codes))
+  workdir_io.write_text_atomically(out_dir / SETTINGS_FILE,
+                                   json.dumps(dict(record, num_images=len(labels)), indent=2))
   print(f"wrote {len(images)} samples to {out_dir}/samples.npz, grid.png, coarse_to_fine.png",
         flush=True)
   return images, labels

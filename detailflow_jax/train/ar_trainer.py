@@ -104,4 +104,4 @@ def train_and_evaluate(config, workdir, on_metrics=None):
                            config.train.num_steps), data_iterator=data,
       num_steps=config.train.num_steps, log_every=config.train.log_every,
       checkpoint_every=config.train.checkpoint_every,
-      keep_checkpoints=config.train.keep_checkpoints, on_metrics=on_metrics)
+      keep_checkpoints=config.train.keep_checkpoints, on_metrics=on_metrics, name="ar")

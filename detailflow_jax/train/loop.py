@@ -3,10 +3,12 @@
 A trainer provides: an initial sharded state, a `step(state, batch) -> (state, metrics)` that
 is already jitted, a data iterator with get_state/set_state, and optional periodic callbacks.
 This loop owns resuming, checkpointing (with the iterator state), metric writing, the progress
-line, NaN/inf detection and SIGTERM handling (save at the next step boundary, exit cleanly).
+line, NaN/inf detection and SIGTERM handling: at the next step boundary (the same step on every
+process) it saves that step and returns; `preemption.stop_requested()` then tells the caller
+that the run stopped early (preemption.py).
 """
+import contextlib
 import dataclasses
-import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -14,6 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from detailflow_jax import preemption
 from detailflow_jax.train import checkpoints
 from detailflow_jax.train import metrics_writer
 
@@ -29,53 +32,12 @@ class LoopHooks:
   fn: Optional[Callable[[int, Any], None]] = None
 
 
-class PreemptionFlag:
-  """SIGTERM (TPU preemption, SLURM requeue) -> every process stops at the same step boundary.
-
-  One process: a Python SIGTERM handler sets a flag. Several processes (jax.distributed): JAX's
-  runtime catches SIGTERM itself and its coordination service picks the step at which every
-  process stops (multihost_utils.reached_preemption_sync_point). That needs no collective on
-  the devices, so the host keeps dispatching steps ahead instead of waiting for each one.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    self._runtime_sync = False
-
-  def install(self):
-    self._runtime_sync = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
-    if self._runtime_sync:
-      return  # a Python handler would replace the runtime's and hide SIGTERM from it
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread (e.g. inside some test runners)
-      self._previous = None
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def should_stop(self, step):
-    """Call at every step (the same steps on every process): True once all must stop."""
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    if self._runtime_sync:
-      return multihost_utils.reached_preemption_sync_point(step)
-    if jax.process_count() == 1:
-      return self.requested
-    # Several processes without the runtime's preemption service: agree through a collective.
-    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
-    return bool(np.any(flags))
-
-
 def run(*, workdir, state, abstract_state, step_fn, data_iterator, num_steps,
         log_every, checkpoint_every, keep_checkpoints, hooks=(), metric_prefix="train",
-        step_of=lambda s: s.step, on_metrics=None):
-  """Trains until `num_steps`, resuming from WORKDIR/checkpoints if present. Returns state."""
+        step_of=lambda s: s.step, on_metrics=None, name="train"):
+  """Trains until `num_steps`, resuming from WORKDIR/checkpoints if present. Returns state, also
+  when SIGTERM stopped it early (its step saved; preemption.stop_requested() is then True).
+  `name` names the run in messages and its safe point "<name>_step" (preemption.POINTS)."""
   checkpointer = checkpoints.Checkpointer(workdir, keep=keep_checkpoints)
   restored, data_state = checkpointer.restore(abstract_state)
   if restored is not None:
@@ -89,14 +51,17 @@ def run(*, workdir, state, abstract_state, step_fn, data_iterator, num_steps,
     return state
   if start:
     print(f"resumed from step {start} in {workdir}", flush=True)
+  if preemption.stop_requested():  # SIGTERM while the trainer was getting ready
+    checkpointer.close()
+    print(f"SIGTERM before step {start + 1} of {num_steps} ({name}); nothing new to save. Run "
+          "the same command to resume.", flush=True)
+    return state
 
   writer = metrics_writer.create_writer(workdir)
   progress = metrics_writer.ProgressLine(num_steps, start)
-  preemption = PreemptionFlag()
-  preemption.install()
   pending = []
   last_good_step = start
-  try:
+  with preemption.sigterm_caught(), _closing(writer, checkpointer):
     for step in range(start + 1, num_steps + 1):
       # The iterator state saved with a checkpoint must be the one *before* the next batch.
       # step_fn gets the host batch: it reads the batch's static settings (output size,
@@ -118,7 +83,7 @@ def run(*, workdir, state, abstract_state, step_fn, data_iterator, num_steps,
         rate = progress(step, scalars)
         scalars["steps_per_sec"] = rate
         writer.write_scalars(step, {f"{metric_prefix}/{k}": v for k, v in scalars.items()})
-      stop = preemption.should_stop(step)
+      stop = preemption.train_step_boundary(f"{name}_step")
       if step % checkpoint_every == 0 or step == num_steps or stop:
         if pending:  # never checkpoint a state whose losses were not checked
           host = jax.device_get(pending)
@@ -133,10 +98,16 @@ def run(*, workdir, state, abstract_state, step_fn, data_iterator, num_steps,
         if hook.every and step % hook.every == 0:
           hook.fn(step, state)
       if stop:
-        print(f"SIGTERM: saved step {step}; exiting. Run the same command to resume.", flush=True)
+        print(f"SIGTERM: saved step {step}; exiting ({name}: {step} of {num_steps} steps). Run "
+              "the same command to resume.", flush=True)
         break
+  return state
+
+
+@contextlib.contextmanager
+def _closing(writer, checkpointer):
+  try:
+    yield
   finally:
-    preemption.uninstall()
     writer.flush()
     checkpointer.close()
-  return state

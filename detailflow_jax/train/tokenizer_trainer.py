@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from detailflow_jax import detail
+from detailflow_jax import preemption
 from detailflow_jax import workdir_io
 from detailflow_jax.data import pipeline
 from detailflow_jax.train import checkpoints
@@ -124,8 +125,9 @@ def train_and_evaluate(config, workdir, on_metrics=None):
       data_iterator=data,
       num_steps=config.train.num_steps, log_every=config.train.log_every,
       checkpoint_every=config.train.checkpoint_every,
-      keep_checkpoints=config.train.keep_checkpoints, hooks=hooks, on_metrics=on_metrics)
-  if jax.process_index() == 0 and warm:
+      keep_checkpoints=config.train.keep_checkpoints, hooks=hooks, on_metrics=on_metrics,
+      name="tokenizer")
+  if jax.process_index() == 0 and warm and not preemption.stop_requested():
     visuals(int(jax.device_get(state.step)), state)
   return state
 
