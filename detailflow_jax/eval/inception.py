@@ -251,6 +251,20 @@ def inception_features(params, images, precision=jax.lax.Precision.HIGHEST):
   return InceptionV3FID(precision).apply({"params": params}, images)
 
 
+def compiler_options():
+  """Options for jax.jit of a function that runs this network.
+
+  On CPU: no YNNPACK fusions, so XLA runs the convolutions with its Eigen kernels. With jax
+  0.10's default (YNNPACK convolutions) the 3x3 convolutions of the stem (32 -> 32 channels at
+  147 px, 80 -> 192 at 71 px) run at a quarter of the machine's matmul rate; Eigen's take the
+  whole network from 0.133 to about 0.09 s per image on two cores (benchmarks/inception.py,
+  docs/performance.md). Other backends: no options.
+  """
+  if jax.default_backend() != "cpu":
+    return {}
+  return {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 @functools.lru_cache(maxsize=1)
 def param_shapes():
   """{'mixed_6/conv/kernel': shape} of the module, without computing anything."""
