@@ -84,7 +84,10 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, fake_fmnist_dir, single_env
   delay = random.Random(seed).uniform(0.0, 1.2)
   killed = runs.start(runs.train_steps_command(killed_dir, fake_fmnist_dir, *overrides,
                                                "--seconds_per_step=0.4"), env)
-  killed.wait_for(rf'^METRICS .*"step": {k + 1}[,}}]')  # checkpoint k is complete by now
+  killed.wait_for(rf'^METRICS .*"step": {k + 1}[,}}]')
+  deadline = time.monotonic() + 60
+  while k not in runs.finished_steps(killed_dir) and time.monotonic() < deadline:
+    time.sleep(0.02)  # checkpoint k is written asynchronously: let it land before the kill
   time.sleep(delay)
   killed.process.send_signal(signal.SIGKILL)
   status, _ = killed.finish()
@@ -106,7 +109,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, fake_fmnist_dir, single_env
   assert final_straight.keys() == final_resumed.keys()
   for key, value in final_straight.items():
     np.testing.assert_array_equal(final_resumed[key], value, err_msg=f"{key} {context}")
-  assert runs.data_state(killed_dir, 2 * k) == runs.data_state(straight_dir, 2 * k)
+  assert runs.data_states(killed_dir, 2 * k) == runs.data_states(straight_dir, 2 * k)
 
 
 # --- preemption.py in this process --------------------------------------------------------------

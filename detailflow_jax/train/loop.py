@@ -2,10 +2,12 @@
 
 A trainer provides: an initial sharded state, a `step(state, batch) -> (state, metrics)` that
 is already jitted, a data iterator with get_state/set_state, and optional periodic callbacks.
-This loop owns resuming, checkpointing (with the iterator state), metric writing, the progress
-line, NaN/inf detection and SIGTERM handling: at the next step boundary (the same step on every
-process) it saves that step and returns; `preemption.stop_requested()` then tells the caller
-that the run stopped early (preemption.py).
+This loop owns resuming, checkpointing (with every process's iterator state), metric writing, the
+progress line, NaN/inf detection and SIGTERM handling: at the next step boundary (the same step on
+every process) it saves that step and returns; `preemption.stop_requested()` then tells the caller
+that the run stopped early (preemption.py). Checkpoints are written asynchronously
+(train/checkpoints.py): the loop waits for a write only at the next save and before it returns,
+so a returned run (finished, stopped, or failed) has its last checkpoint complete on disk.
 """
 import contextlib
 import dataclasses
@@ -91,13 +93,15 @@ def run(*, workdir, state, abstract_state, step_fn, data_iterator, num_steps,
             raise NonFiniteLossError(
                 f"non-finite loss before step {step}; the last good checkpoint "
                 f"(step {last_good_step}) in {checkpointer.directory} is intact.")
+        # Asynchronous: orbax copies the state to host memory and writes it on a thread while
+        # the next steps run (the next save, the SIGTERM exit and `_closing` wait for it).
         checkpointer.save(step, state, data_iterator.get_state())
-        checkpointer.wait()
         last_good_step = step
       for hook in hooks:
         if hook.every and step % hook.every == 0:
           hook.fn(step, state)
       if stop:
+        checkpointer.wait()  # on disk before we say so; the process may be gone soon after
         print(f"SIGTERM: saved step {step}; exiting ({name}: {step} of {num_steps} steps). Run "
               "the same command to resume.", flush=True)
         break

@@ -101,16 +101,15 @@ def finished_steps(workdir):
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def data_state(workdir, step):
-  """The data iterator state stored with a checkpoint (JSON)."""
-  folder = pathlib.Path(workdir) / "checkpoints" / str(step) / "data"
-  files = [p for p in folder.rglob("*") if p.is_file() and p.name != "commit_success.txt"]
-  for path in files:
-    try:
-      return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-      continue
-  raise AssertionError(f"no JSON data state in {folder}")
+def data_states(workdir, step):
+  """Every process's data iterator state stored with a checkpoint, in process order (one JSON
+  file per process, train/checkpoints.py)."""
+  folder = pathlib.Path(workdir) / "checkpoints" / str(step) / "data_iterator"
+  files = sorted(folder.glob("process_*-of-*.json"),
+                 key=lambda p: int(p.name.split("_")[1].split("-")[0]))
+  if not files:
+    raise AssertionError(f"no data iterator state in {folder}")
+  return [json.loads(p.read_text()) for p in files]
 
 
 class OutputWatcher:
