@@ -6,9 +6,13 @@
 Simulates `--devices` CPU devices (no accelerator needed), builds the train state abstractly
 (jax.eval_shape: no parameter is materialised), lowers and compiles the trainer's jitted step
 with the state and batch shardings of the config's mesh, and prints the per-device memory of
-the compiled program (XLA's memory_analysis: arguments, outputs, temporaries). Exits 1 with the
-message on a config contradiction (mesh vs device count, batch vs data axes, group size vs N)
-or a sharding/compilation error, and 2 on an unknown config key.
+the compiled program (XLA's memory_analysis: arguments, outputs, temporaries), the collectives
+of one step (count and bytes per op, and the mesh axes they run over; hlo_collectives.py) and
+the number of "Involuntary full rematerialization" warnings XLA's partitioner printed while
+compiling (each is a tensor XLA had to replicate because two shardings did not meet; with
+--fail_on_remat any makes the check fail). Exits 1 with the message on a config contradiction
+(mesh vs device count, batch vs data axes, group size vs N), a sharding/compilation error or,
+with --fail_on_remat, a remat warning; 2 on an unknown config key.
 
 Jobs: train_tokenizer (every step variant the run meets with --variants=all, else the largest
 decoder output with self-correction) and train_ar. Pretrained weight files that are not on this
@@ -23,6 +27,7 @@ import dataclasses
 import os
 import re
 import sys
+import tempfile
 import traceback
 from typing import Optional
 from unittest import mock
@@ -31,6 +36,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from detailflow_jax import hlo_collectives
 from detailflow_jax.config import files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).")
@@ -38,7 +44,10 @@ _DEVICES = flags.DEFINE_integer("devices", None, "Number of devices to simulate 
                                 "global device count).")
 _VARIANTS = flags.DEFINE_enum("variants", "largest", ["largest", "all"],
                               "Tokenizer: compile the largest step variant or all of them.")
+_FAIL_ON_REMAT = flags.DEFINE_bool("fail_on_remat", False, "Fail when XLA reports an "
+                                   "'Involuntary full rematerialization' while compiling.")
 flags.mark_flags_as_required(["config", "devices"])
+REMAT_WARNING = "Involuntary full rematerialization"
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _RELAUNCHED = "DETAILFLOW_COMPILE_CHECK_DEVICES"
@@ -72,6 +81,8 @@ class MemoryReport:
   aliased: int
   code: int
   state: int   # the train state's shard on one device (computed from the shardings)
+  collectives: list = dataclasses.field(default_factory=list)   # [hlo_collectives.Collective]
+  remat_warnings: int = 0
 
   @property
   def peak(self):
@@ -87,7 +98,9 @@ class MemoryReport:
             f"  aliased (donated)     {fmt(self.aliased)}",
             f"  temporaries           {fmt(self.temporaries)}",
             f"  generated code        {fmt(self.code)}",
-            f"  total (args + outputs - aliased + temporaries) {fmt(self.peak)}"]
+            f"  total (args + outputs - aliased + temporaries) {fmt(self.peak)}",
+            *hlo_collectives.format_lines(self.collectives),
+            f"involuntary full rematerialization warnings: {self.remat_warnings}"]
 
 
 def shard_bytes(abstract_tree):
@@ -101,7 +114,39 @@ def shard_bytes(abstract_tree):
   return total
 
 
-def memory_report(name, compiled, abstract_state):
+@contextlib.contextmanager
+def captured_stderr(sink):
+  """Appends what is written to file descriptor 2 inside the block (XLA's C++ log lines, which
+  Python cannot intercept otherwise) to `sink`, and writes it on to the real stderr."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as tmp:
+    os.dup2(tmp.fileno(), 2)
+    try:
+      yield sink
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      tmp.seek(0)
+      text = tmp.read().decode(errors="replace")
+      sink.append(text)
+      sys.stderr.write(text)
+      sys.stderr.flush()
+
+
+def compile_and_inspect(lowered, mesh):
+  """(compiled, [hlo_collectives.Collective], number of remat warnings) of `lowered`."""
+  logs = []
+  with captured_stderr(logs):
+    compiled = lowered.compile()
+  return (compiled, hlo_collectives.collectives(compiled.as_text(), mesh),
+          "".join(logs).count(REMAT_WARNING))
+
+
+def compile_with_report(name, lowered, abstract_state, mesh):
+  """Compiles `lowered` and reads its memory, collectives and remat warnings."""
+  compiled, collectives, remat_warnings = compile_and_inspect(lowered, mesh)
   stats = compiled.memory_analysis()
   if stats is None:
     raise RuntimeError(f"{name}: this backend gives no memory analysis")
@@ -109,7 +154,8 @@ def memory_report(name, compiled, abstract_state):
       name=name, arguments=int(stats.argument_size_in_bytes),
       outputs=int(stats.output_size_in_bytes), temporaries=int(stats.temp_size_in_bytes),
       aliased=int(stats.alias_size_in_bytes), code=int(stats.generated_code_size_in_bytes),
-      state=shard_bytes(abstract_state))
+      state=shard_bytes(abstract_state),
+      collectives=collectives, remat_warnings=remat_warnings)
 
 
 def _with_shardings(abstract, shardings):
@@ -139,8 +185,9 @@ def _siglip_standin(original):
             flush=True)
       tower = siglip2.Siglip2VisionTower()
       side = tower.patch_size * tower.pos_grid
-      params = jax.eval_shape(tower.init, jax.random.PRNGKey(0),
-                              jnp.zeros((1, side, side, 3), jnp.float32))["params"]
+      import flax.linen as nn  # pylint: disable=g-import-not-at-top
+      params = nn.unbox(jax.eval_shape(tower.init, jax.random.PRNGKey(0),
+                                       jnp.zeros((1, side, side, 3), jnp.float32))["params"])
       return siglip2.Siglip2FeatureModel(params=params, width=tower.width,
                                          num_heads=tower.num_heads)
   return load
@@ -189,10 +236,12 @@ def check_train_ar(config, mesh):
   from detailflow_jax.train import ar_trainer  # pylint: disable=g-import-not-at-top
   from detailflow_jax.train import sharding  # pylint: disable=g-import-not-at-top
 
+  from detailflow_jax.models import gpt  # pylint: disable=g-import-not-at-top
+
   gpt_config = ar_trainer.gpt_config_from(config)
   objective = ar_objective.ARObjective(config, gpt_config)
   abstract = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0))
-  shardings = sharding.state_shardings(abstract, mesh)
+  shardings = sharding.state_shardings(abstract, mesh, gpt.param_logical_axes(gpt_config))
   abstract = _with_shardings(abstract, shardings)
   print(f"GPT: {param_count(abstract.params) / 1e6:.1f}M parameters, {gpt_config.num_layers} "
         f"layers x {gpt_config.dim}, dtype {gpt_config.dtype}", flush=True)
@@ -204,8 +253,9 @@ def check_train_ar(config, mesh):
                labels=struct((b,), jnp.int32), corrected=struct((b,), jnp.bool_))
   step = jax.jit(objective.train_step, in_shardings=(shardings, None),
                  out_shardings=(shardings, None), donate_argnums=(0,))
-  compiled = step.lower(abstract, batch).compile()
-  return [memory_report(f"train_ar step (batch {b})", compiled, abstract)]
+  with sharding.use_mesh(mesh):
+    lowered = step.lower(abstract, batch)
+  return [compile_with_report(f"train_ar step (batch {b})", lowered, abstract, mesh)]
 
 
 def check_train_tokenizer(config, mesh, all_variants):
@@ -220,7 +270,7 @@ def check_train_tokenizer(config, mesh, all_variants):
   with standin_weights():
     objective = tokenizer_objective.TokenizerObjective(config)
   abstract = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), None)
-  shardings = sharding.state_shardings(abstract, mesh)
+  shardings = sharding.state_shardings(abstract, mesh, objective.param_logical_axes())
   abstract = _with_shardings(abstract, shardings)
   print(f"tokenizer: {param_count(abstract.params) / 1e6:.1f}M trained parameters", flush=True)
   frozen = jax.tree_util.tree_map(
@@ -236,10 +286,11 @@ def check_train_tokenizer(config, mesh, all_variants):
     step = jax.jit(fn, in_shardings=(shardings, None, None),
                    out_shardings=(shardings, None), donate_argnums=(0,))
     batch = tokenizer_trainer.abstract_batch(config, size, mesh)
-    compiled = step.lower(abstract, batch, frozen).compile()
+    with sharding.use_mesh(mesh):
+      lowered = step.lower(abstract, batch, frozen)
     name = (f"train_tokenizer step (output {size}px, correction {use_correction}, "
             f"gan {gan_active}, batch {config.data.batch_size})")
-    reports.append(memory_report(name, compiled, abstract))
+    reports.append(compile_with_report(name, lowered, abstract, mesh))
   return reports
 
 
@@ -286,13 +337,18 @@ def main(argv):
     os.environ[_RELAUNCHED] = str(devices)
     os.execv(sys.executable, [sys.executable, "-m", "detailflow_jax.compile_check", *sys.argv[1:]])
   try:
-    compile_check(_CONFIG.value, devices, _VARIANTS.value == "all")
+    reports = compile_check(_CONFIG.value, devices, _VARIANTS.value == "all")
   except ValueError as error:  # a contradiction in the config: the message says it all
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
   except Exception as error:  # pylint: disable=broad-except
     traceback.print_exc()
     print(f"error: compile check failed: {type(error).__name__}: {error}", file=sys.stderr)
+    sys.exit(1)
+  remats = sum(r.remat_warnings for r in reports)
+  if remats and _FAIL_ON_REMAT.value:
+    print(f"error: XLA reported {remats} involuntary full rematerialization(s) (--fail_on_remat)",
+          file=sys.stderr)
     sys.exit(1)
   print("compile check passed", flush=True)
 

@@ -1,29 +1,29 @@
-"""Multi-process start-up: which processes form this job, from flags or the environment.
+"""Multi-process start-up: the part `jax.distributed.initialize()` does not decide itself.
 
-Every process of a multi-host job runs the same command; before any JAX computation each one
-calls `initialize(...)`, which resolves a `Plan` and calls `jax.distributed.initialize` with it:
+Called with no arguments, `jax.distributed.initialize()` finds the processes of a job on its
+own: Cloud TPU (VM metadata, multislice), SLURM (coordinator on the step's first node, port
+from the job id, process id, one GPU per node-local task), Open MPI and Kubernetes; it also
+reads JAX_COORDINATOR_ADDRESS and JAX_LOCAL_DEVICE_IDS. What is left here:
 
-  mode="auto" (default), first match wins:
-    1. explicit values: coordinator_address / num_processes / process_id arguments (the
-       --coordinator_address, --num_processes, --process_id flags of main.py), else the
-       environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
-       (what launch/local_multiprocess.sh sets);
-    2. SLURM: inside an `srun` step with SLURM_NTASKS > 1 (process id SLURM_PROCID, coordinator
-       on the step's first node, port derived from SLURM_JOB_ID as JAX does);
-    3. a multi-host Cloud TPU slice announced in the environment (TPU_WORKER_HOSTNAMES or
-       TPU_PROCESS_ADDRESSES with several hosts, or a multislice MEGASCALE_* job);
-    4. otherwise a single process: nothing to initialise (a laptop, one GPU host, a TPU VM).
-  mode="detect": let JAX detect the cluster itself (Cloud TPU VM metadata, SLURM, Open MPI,
-    Kubernetes); use it on TPU pod slices, whose VMs announce their workers only through the
-    metadata server (launch/tpu_pod.sh passes it).
-  mode="off": never initialise (one process, even inside a SLURM allocation).
+  1. whether to call it at all: a single process (a laptop, one GPU host, a TPU VM, a one-task
+     SLURM shell) must not, as JAX would fail looking for a coordinator;
+  2. explicit settings JAX does not read, checked with clear errors: the --coordinator_address
+     / --num_processes / --process_id [--local_device_ids] flags of main.py, else the variables
+     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (what
+     launch/local_multiprocess.sh sets).
+
+  mode="auto" (default): explicit settings, else a multi-process cluster announced in the
+    environment (SLURM_NTASKS > 1, several TPU hosts or slices, OMPI_COMM_WORLD_SIZE > 1),
+    which JAX then detects; else a single process.
+  mode="detect": always let JAX detect (TPU pod slices, whose VMs announce their workers only
+    through the metadata server; launch/tpu_pod.sh passes it).
+  mode="off": never initialise.
 
 After it, jax.process_index() / jax.process_count() / jax.devices() describe the whole job;
 the data pipeline shards by process and orbax writes each process's checkpoint shards.
 """
 import dataclasses
 import os
-import re
 from typing import Mapping, Optional, Sequence, Tuple
 
 from absl import logging
@@ -33,13 +33,13 @@ ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "JAX_LOCAL_DEVICE_IDS"
-_SLURM_REQUIRED = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What `initialize` does. source: single | flags | env | slurm | tpu | detect | off.
-  `call_initialize` is False for a single process; None fields are left to JAX to detect."""
+  """What `initialize` does. source: single | flags | env | slurm | tpu | mpi | detect | off
+  (slurm, tpu, mpi: the cluster JAX will detect). `call_initialize` is False for a single
+  process; None fields are left to JAX to detect."""
   source: str
   coordinator_address: Optional[str] = None
   num_processes: Optional[int] = None
@@ -79,25 +79,27 @@ def parse_device_ids(value, name="local_device_ids"):
   return tuple(_as_int(v, name, 0) for v in items)
 
 
-def slurm_first_host(node_list):
-  """First host of a SLURM node list: 'n1,n2' -> 'n1'; 'gpu[003-010,012],cpu1' -> 'gpu003'."""
-  match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", node_list.strip())
-  if not match or not match.group(1):
-    raise ValueError(f"SLURM_STEP_NODELIST={node_list!r} is not a SLURM node list")
-  prefix, ranges = match.group(1), match.group(2)
-  if ranges is None:
-    return prefix
-  return prefix + re.split(r"[,-]", ranges)[0]
-
-
-def slurm_coordinator_port(job_id):
-  """JAX's choice (clusters/slurm_cluster.py): one port per job in [61440, 65535]."""
-  return int(job_id) % 2**12 + (65535 - 2**12 + 1)
-
-
 def _tpu_hosts(env):
   names = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
   return [n for n in names.split(",") if n.strip()]
+
+
+def _count(env, name):
+  try:
+    return int(env.get(name, "1") or 1)
+  except ValueError:
+    return 1
+
+
+def announced_cluster(env):
+  """The multi-process cluster the environment announces (slurm | tpu | mpi), or None."""
+  if "SLURM_JOB_ID" in env and _count(env, "SLURM_NTASKS") > 1:
+    return "slurm"
+  if len(_tpu_hosts(env)) > 1 or _count(env, "MEGASCALE_NUM_SLICES") > 1:
+    return "tpu"
+  if _count(env, "OMPI_COMM_WORLD_SIZE") > 1:
+    return "mpi"
+  return None
 
 
 def _explicit_plan(source, coordinator_address, num_processes, process_id, local_device_ids):
@@ -145,24 +147,9 @@ def resolve(mode="auto", coordinator_address=None, num_processes=None, process_i
     return _explicit_plan("env", env.get(ENV_COORDINATOR), env.get(ENV_NUM_PROCESSES),
                           env.get(ENV_PROCESS_ID),
                           local_device_ids or env.get(ENV_LOCAL_DEVICE_IDS))
-  if all(k in env for k in _SLURM_REQUIRED) and int(env.get("SLURM_NTASKS", "1")) > 1:
-    count = _as_int(env["SLURM_NTASKS"], "SLURM_NTASKS", 1)
-    index = _as_int(env["SLURM_PROCID"], "SLURM_PROCID", 0)
-    if index >= count:
-      raise ValueError(f"SLURM_PROCID={index} must be < SLURM_NTASKS={count}")
-    address = (f"{slurm_first_host(env['SLURM_STEP_NODELIST'])}:"
-               f"{slurm_coordinator_port(env['SLURM_JOB_ID'])}")
-    # One task per GPU: each process keeps the GPU of its node-local rank, unless SLURM has
-    # already narrowed the visible GPUs to one (--gpus-per-task / --gpu-bind).
-    ids = parse_device_ids(local_device_ids)
-    tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
-    visible = env.get("CUDA_VISIBLE_DEVICES", "")
-    if (ids is None and tasks_per_node.isdigit() and int(tasks_per_node) > 1
-        and "SLURM_LOCALID" in env and len([v for v in visible.split(",") if v]) != 1):
-      ids = (_as_int(env["SLURM_LOCALID"], "SLURM_LOCALID", 0),)
-    return Plan("slurm", address, count, index, ids)
-  if len(_tpu_hosts(env)) > 1 or int(env.get("MEGASCALE_NUM_SLICES", "1") or 1) > 1:
-    return Plan("tpu")  # JAX reads the worker list and id itself
+  cluster = announced_cluster(env)
+  if cluster:
+    return Plan(cluster)  # jax.distributed.initialize() reads the rest from the environment
   return Plan("single")
 
 

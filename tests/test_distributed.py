@@ -39,24 +39,17 @@ def test_environment_of_the_local_launcher():
   assert distributed.resolve(env=one).source == "single"
 
 
-@pytest.mark.parametrize("node_list, first", [
-    ("node001", "node001"), ("node001,host2", "node001"), ("gpu[003-010,012],cpu1", "gpu003"),
-    ("gpu[007,009]", "gpu007")])
-def test_slurm_first_host(node_list, first):
-  assert distributed.slurm_first_host(node_list) == first
-
-
-def test_slurm_step():
+def test_slurm_step_is_left_to_jax():
   env = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "h100-[01-04]", "SLURM_NTASKS": "32",
          "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8"}
+  # jax.distributed.initialize() reads coordinator, port, process id and local GPU itself.
   plan = distributed.resolve(env=env)
-  # Port as JAX computes it: job id mod 4096 + 61440.
-  assert plan == distributed.Plan("slurm", "h100-01:61586", 32, 9, (1,))
-  # One task per node sees all the node's GPUs; a task bound to one GPU keeps it.
-  assert distributed.resolve(env=dict(env, SLURM_NTASKS_PER_NODE="1")).local_device_ids is None
-  assert distributed.resolve(env=dict(env, CUDA_VISIBLE_DEVICES="5")).local_device_ids is None
+  assert plan == distributed.Plan("slurm") and plan.call_initialize
   # A one-task allocation (an interactive salloc shell) is a single process.
   assert distributed.resolve(env=dict(env, SLURM_NTASKS="1", SLURM_PROCID="0")).source == "single"
+  # Explicit settings still win.
+  assert distributed.resolve(env=dict(env, JAX_COORDINATOR_ADDRESS="h:1", JAX_NUM_PROCESSES="2",
+                                      JAX_PROCESS_ID="1")).source == "env"
 
 
 def test_tpu_and_modes():
@@ -64,6 +57,8 @@ def test_tpu_and_modes():
   assert distributed.resolve(env={"TPU_WORKER_HOSTNAMES": "localhost"}).source == "single"
   assert distributed.resolve(env={"MEGASCALE_NUM_SLICES": "2"}).source == "tpu"
   assert distributed.resolve("detect", env={}) == distributed.Plan("detect")
+  assert distributed.resolve(env={"OMPI_COMM_WORLD_SIZE": "4"}).source == "mpi"
+  assert distributed.resolve(env={"OMPI_COMM_WORLD_SIZE": "1"}).source == "single"
   slurm = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "a,b", "SLURM_NTASKS": "2",
            "SLURM_PROCID": "0"}
   assert distributed.resolve("off", env=slurm).source == "off"

@@ -1,4 +1,5 @@
 """l2-normalised VQ: nearest codes, straight-through, losses, metrics, top-k draw."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,7 +100,7 @@ def test_top_k_draw_is_uniform_over_the_k_nearest():
 
 def test_codebook_init_is_uniform_then_normalised():
   module = vq.VectorQuantizer(codebook_size=512, codebook_dim=8)
-  params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))["params"]
+  params = nn.unbox(module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))["params"])
   codebook = np.asarray(params["codebook"])
   assert codebook.shape == (512, 8)
   np.testing.assert_allclose(np.linalg.norm(codebook, axis=-1), 1.0, rtol=1e-5)

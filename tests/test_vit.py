@@ -1,4 +1,5 @@
 """SigLIP2 ViT blocks: position-table resizing, patch order, and a tower against official outputs."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +49,8 @@ def test_patchify_order_and_inverse():
 def test_mask_blocks_keys():
   model = vit.SiglipTransformer(width=8, depth=1, num_heads=2, mlp_dim=16)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 8))
-  params = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+  # init returns params boxed with their logical axes (train/sharding.py); unbox for values.
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), x))
   # Hugging Face SigLIP init: zero attention biases, ~1e-6 MLP biases, LayerNorm (1, 0).
   layer = params["params"]["layers_0"]
   assert not np.any(layer["self_attn"]["q_proj"]["bias"])

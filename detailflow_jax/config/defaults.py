@@ -113,8 +113,11 @@ def code_reset_config():
 
 
 def mesh_config():
-  # -1 takes the devices the other axes leave.
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # -1 takes the devices the other axes leave. dcn_*: how many of each axis's devices lie in
+  # other slices (TPU multislice) or processes (GPU hosts); all 1 = one slice. E.g. 4 slices
+  # of 64 chips: data=-1 fsdp=64 dcn_data=4 (train/sharding.py: build_mesh).
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1,
+                                        dcn_tensor=1))
 
 
 def tokenizer_training_config():

@@ -27,13 +27,15 @@ class AlignmentMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     # PyTorch Linear default init: U(+-1/sqrt(fan_in)) for weight and bias.
-    def dense(features, fan_in, name):
+    # Logical axes: a Megatron pair (column- then row-parallel), then a replicated output.
+    def dense(features, fan_in, names, name):
       bound = 1.0 / np.sqrt(fan_in)
       init = lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound)
-      return nn.Dense(features, kernel_init=init, bias_init=init, name=name)
-    x = jax.nn.silu(dense(self.hidden_dim, x.shape[-1], "layers_0")(x))
-    x = jax.nn.silu(dense(self.hidden_dim, self.hidden_dim, "layers_2")(x))
-    return dense(self.out_dim, self.hidden_dim, "layers_4")(x)
+      return nn.Dense(features, kernel_init=nn.with_logical_partitioning(init, names),
+                      bias_init=nn.with_logical_partitioning(init, names[1:]), name=name)
+    x = jax.nn.silu(dense(self.hidden_dim, x.shape[-1], ("codebook_dim", "mlp"), "layers_0")(x))
+    x = jax.nn.silu(dense(self.hidden_dim, self.hidden_dim, ("mlp", "embed"), "layers_2")(x))
+    return dense(self.out_dim, self.hidden_dim, ("embed", "features"), "layers_4")(x)
 
 
 def init_alignment_mlp(rng, codebook_dim=8, hidden_dim=1024, out_dim=1152):
@@ -42,7 +44,14 @@ def init_alignment_mlp(rng, codebook_dim=8, hidden_dim=1024, out_dim=1152):
   # Non-partitionable threefry: XLA:CPU compiles the partitionable one several times slower.
   with jax.threefry_partitionable(False):
     params = jax.jit(module.init)(rng, jnp.zeros((1, codebook_dim), jnp.float32))["params"]
-  return module, params
+  return module, nn.unbox(params)
+
+
+def alignment_mlp_logical_axes(codebook_dim=8, hidden_dim=1024, out_dim=1152):
+  """The MLP params' logical axis names (PartitionSpecs, same tree as the params)."""
+  abstract = jax.eval_shape(AlignmentMLP(hidden_dim, out_dim).init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, codebook_dim), jnp.float32))
+  return nn.get_partition_spec(abstract["params"])
 
 
 def _normalize(x, eps=1e-12):

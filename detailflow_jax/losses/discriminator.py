@@ -14,6 +14,7 @@ patchgan_layers (3), patchgan_spectral_norm (False).
 """
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from detailflow_jax.losses import discriminator_dino
 from detailflow_jax.losses import discriminator_patchgan
@@ -58,6 +59,19 @@ def _make_discriminator(loss_config, image_size, rng):
     variables = jax.jit(lambda r: module.init(r, probe, train=False))(rng)
     return module, variables["params"], {"batch_stats": variables["batch_stats"]}
   raise ValueError(f"loss.discriminator={kind!r} is not one of {DISCRIMINATORS}")
+
+
+# Logical axes of the discriminators' params, by rank: both are stacks of convolutions (and
+# BatchNorm scales and biases). flax's SpectralNorm cannot read kernels boxed by
+# nn.with_logical_partitioning, so the axes are declared here rather than in the initialisers.
+# No conv name has a mesh axis in train/sharding.py: the discriminators are small and replicated.
+CONV_AXES = {4: P("conv_height", "conv_width", "conv_in", "conv_out"),
+             3: P("conv_width", "conv_in", "conv_out"), 1: P("conv_out")}
+
+
+def param_logical_axes(params):
+  """PartitionSpecs of logical axis names for a discriminator's params (same tree)."""
+  return jax.tree_util.tree_map(lambda x: CONV_AXES.get(jnp.ndim(x), P()), params)
 
 
 def discriminator_apply(module, params, state, images, rng=None, train=True):

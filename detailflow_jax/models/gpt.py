@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from detailflow_jax import detail
+from detailflow_jax.models.partitioning import BHLD, BLE, BLF, BLHD, BLV, constrain
 # Re-exported: the config is part of this module's public surface.
 from detailflow_jax.models.gpt_config import (  # noqa: F401
     GPT_SIZES, GPTConfig, ffn_hidden_size, gpt_model_config, sequence_length)
@@ -119,6 +120,46 @@ def _embed(rows, dim, names, dtype, init=nn.initializers.normal(0.02)):
   return nn.Embed(rows, dim, dtype=dtype, embedding_init=nn.with_logical_partitioning(init, names))
 
 
+def _lookup(embed, ids, rows):
+  """nn.Embed's lookup, with the table gathered over `fsdp` first (its rows keep their
+  sharding, e.g. vocab over `tensor`): a gather from a feature-sharded table makes XLA
+  replicate the batch-sharded gradient before its scatter ("Involuntary full
+  rematerialization")."""
+  table = constrain(embed.embedding, (rows, None)).astype(embed.dtype)
+  return jnp.take(table, ids, axis=0)
+
+
+class QKVProjection(nn.Module):
+  """x (B, L, E) -> q, k, v (B, L, H, D) from the official fused (E, 3E) `kernel`.
+
+  The kernel keeps the official layout (its columns are all q heads, then all k heads, then all
+  v heads), so the param tree and checkpoints stay those of the PyTorch weights. A contiguous
+  split of that dimension over `tensor` cannot give each rank whole heads (with 2 ranks one
+  would hold all of q), so the stored kernel names it "qkv", which maps to no mesh axis: it is
+  only FSDP-sharded. Viewed as (E, 3, H, D) and constrained to heads, each tensor rank still
+  multiplies only its own heads (column-parallel compute, no communication in the forward);
+  the price is that the kernel and its optimizer moments are replicated over `tensor` and its
+  gradient is gathered over `tensor` once per step. Same init and sums as nn.Dense.
+  """
+  num_heads: int
+  head_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h, d = self.num_heads, self.head_dim
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                               ("embed", "qkv")),
+                        (x.shape[-1], 3 * h * d), jnp.float32)
+    # Gathered over fsdp as a matrix first: reshaping the fsdp-sharded (E, 3E) matrix into
+    # (E, 3, H, D) directly makes XLA reshuffle it (an all-to-all and a permute per layer).
+    kernel = constrain(constrain(kernel, (None, None)).reshape(x.shape[-1], 3, h, d),
+                       (None, None, "heads", None))
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    qkv = jnp.einsum("ble,eshd->blshd", x, kernel)
+    return tuple(constrain(qkv[:, :, i], BLHD) for i in range(3))
+
+
 class RMSNorm(nn.Module):
   eps: float = 1e-5
   dtype: Any = jnp.float32
@@ -137,18 +178,18 @@ class Attention(nn.Module):
 
   def setup(self):
     c = self.config
-    self.wqkv = _dense(3 * c.dim, ("embed", "qkv"), c.compute_dtype)
+    self.wqkv = QKVProjection(c.num_heads, c.head_dim, c.compute_dtype)
+    # Row-parallel: its input (the heads, head-major) is split over `tensor` as the heads are.
     self.wo = _dense(c.dim, ("heads", "embed"), c.compute_dtype)
     self.resid_dropout = _dropout(c.resid_dropout, c.dropout_bits)
 
   def _project(self, x, rope):
-    c = self.config
-    q, k, v = jnp.split(self.wqkv(x), 3, axis=-1)
-    heads = lambda t: t.reshape(*x.shape[:2], c.num_heads, c.head_dim)
-    return apply_rotary(heads(q), rope), apply_rotary(heads(k), rope), heads(v)
+    q, k, v = self.wqkv(x)
+    return apply_rotary(q, rope), apply_rotary(k, rope), v
 
   def _output(self, attended, deterministic):
-    out = self.wo(attended.reshape(*attended.shape[:2], self.config.dim))
+    attended = constrain(attended, BLHD)
+    out = constrain(self.wo(attended.reshape(*attended.shape[:2], self.config.dim)), BLE)
     return self.resid_dropout(out, deterministic=deterministic)
 
   def __call__(self, x, rope, mask, deterministic):
@@ -163,7 +204,8 @@ class Attention(nn.Module):
     q, k, v = self._project(x, rope)
     write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
         cache, _heads_first(new).astype(cache.dtype), start, axis=2)
-    cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+    cache_k = constrain(write(cache_k, k), BHLD)
+    cache_v = constrain(write(cache_v, v), BHLD)
     visible = jnp.arange(cache_k.shape[2]) < start + x.shape[1]
     attended = masked_attention(q, cache_k, cache_v, visible[None, :])
     return self._output(attended, True), cache_k, cache_v
@@ -181,7 +223,8 @@ class FeedForward(nn.Module):
     self.ffn_dropout = _dropout(c.ffn_dropout, c.dropout_bits)
 
   def __call__(self, x, deterministic):
-    out = self.w2(nn.silu(self.w1(x)) * self.w3(x))
+    hidden = constrain(nn.silu(constrain(self.w1(x), BLF)) * constrain(self.w3(x), BLF), BLF)
+    out = constrain(self.w2(hidden), BLE)
     return self.ffn_dropout(out, deterministic=deterministic)
 
 
@@ -197,14 +240,16 @@ class GPTBlock(nn.Module):
     self.feed_forward = FeedForward(c)
 
   def __call__(self, x, rope, mask, deterministic):
-    h = x + self.attention(self.attention_norm(x), rope, mask, deterministic)
-    return h + self.feed_forward(self.ffn_norm(h), deterministic)
+    x = constrain(x, BLE)
+    h = constrain(x + self.attention(self.attention_norm(x), rope, mask, deterministic), BLE)
+    return constrain(h + self.feed_forward(self.ffn_norm(h), deterministic), BLE)
 
   def extend(self, x, rope, start, cache_k, cache_v):
+    x = constrain(x, BLE)
     attended, cache_k, cache_v = self.attention.extend(
         self.attention_norm(x), rope, start, cache_k, cache_v)
-    h = x + attended
-    return h + self.feed_forward(self.ffn_norm(h), True), cache_k, cache_v
+    h = constrain(x + attended, BLE)
+    return constrain(h + self.feed_forward(self.ffn_norm(h), True), BLE), cache_k, cache_v
 
 
 class GPT(nn.Module):
@@ -229,20 +274,22 @@ class GPT(nn.Module):
 
   def embed_classes(self, labels):
     """(B,) int labels -> (B, 1, dim); label num_classes is the null (unconditional) class."""
-    return self.cls_embedding(labels)[:, None]
+    return _lookup(self.cls_embedding, labels, "classes")[:, None]
 
   def embed_codes(self, codes):
-    return self.tok_embeddings(codes)
+    return _lookup(self.tok_embeddings, codes, "vocab")
 
   def special_embeddings(self):
     """(g - 1, dim): the learned tokens inserted after the first causal_num codes."""
     c = self.config
     if c.group_size == 1:  # no param: orbax cannot save a zero-size array
       return jnp.zeros((0, c.dim), c.compute_dtype)
-    return self.spe_tok_embeddings.embedding.astype(c.compute_dtype)
+    table = constrain(self.spe_tok_embeddings.embedding, ("special", None))
+    return table.astype(c.compute_dtype)
 
   def logits(self, h):
-    return self.output(self.norm(h)).astype(jnp.float32)
+    """Vocab-parallel head: the logits stay split over `tensor` along the vocabulary."""
+    return constrain(self.output(self.norm(h)), BLV).astype(jnp.float32)
 
   def __call__(self, codes, labels, train=False):
     """Training-path forward. codes (B, n) int, labels (B,) int -> logits (B, L, V) float32,
@@ -318,7 +365,8 @@ def init_params(config, rng):
 
 def param_logical_axes(config):
   """Pytree (same structure as the params) of PartitionSpecs of logical axis names:
-  embed, qkv, heads, mlp, vocab, classes, special, norm. Map them with nn.logical_to_mesh."""
+  embed, qkv, heads, mlp, vocab, classes, special, norm; train/sharding.py maps them to mesh
+  axes."""
   model = GPT(config)
   codes = jnp.zeros((1, config.block_size - config.group_size), jnp.int32)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), codes, jnp.zeros((1,), jnp.int32))

@@ -123,7 +123,9 @@ class VectorQuantizer(nn.Module):
   codebook_dim: int
 
   def setup(self):
-    self.codebook = self.param("codebook", codebook_init, (self.codebook_size, self.codebook_dim))
+    # Replicated: every token is compared with every code.
+    self.codebook = self.param("codebook", nn.with_logical_partitioning(
+        codebook_init, ("codebook", "codebook_dim")), (self.codebook_size, self.codebook_dim))
 
   def normalized_codebook(self):
     return l2_normalize(self.codebook.astype(jnp.float32))

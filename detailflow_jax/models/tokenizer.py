@@ -24,11 +24,11 @@ from detailflow_jax.models import vit
 from detailflow_jax.models.tokenizer_towers import LatentDecoder, LatentEncoder
 
 
-def _torch_dense(features, fan_in, dtype, precision, name=None):
+def _torch_dense(features, fan_in, dtype, precision, names, name=None):
   # Official quant_conv / post_quant_conv / refine_conv are default-initialised nn.Linear.
   return nn.Dense(features, dtype=dtype, precision=precision, name=name,
-                  kernel_init=vit.torch_linear_kernel_init,
-                  bias_init=vit.torch_linear_bias_init(fan_in))
+                  kernel_init=vit.logical(vit.torch_linear_kernel_init, names),
+                  bias_init=vit.logical(vit.torch_linear_bias_init(fan_in), names[1:]))
 
 
 def _is_static_int(x):
@@ -86,9 +86,13 @@ class DetailFlowTokenizer(nn.Module):
     self.decoder = LatentDecoder(
         dec.width, dec.depth, dec.num_heads, dec.mlp_dim, dec.patch_size, dec.pos_grid,
         c.num_tokens, dec.layer_norm_eps, self.dtype, self.precision)
-    self.quant_conv = _torch_dense(c.codebook_dim, enc.width, jnp.float32, self.precision)
-    self.post_quant_conv = _torch_dense(dec.width, c.codebook_dim, self.dtype, self.precision)
-    self.refine_conv = _torch_dense(enc.width, c.codebook_dim, self.dtype, self.precision)
+    # The codebook dimension is small (8 in the paper): never sharded.
+    self.quant_conv = _torch_dense(c.codebook_dim, enc.width, jnp.float32, self.precision,
+                                   ("embed", "codebook_dim"))
+    self.post_quant_conv = _torch_dense(dec.width, c.codebook_dim, self.dtype, self.precision,
+                                        ("codebook_dim", "embed"))
+    self.refine_conv = _torch_dense(enc.width, c.codebook_dim, self.dtype, self.precision,
+                                    ("codebook_dim", "embed"))
     self.quantize = vq.VectorQuantizer(c.codebook_size, c.codebook_dim)
 
   def __call__(self, images):
@@ -248,7 +252,16 @@ def init_params(config, rng):
   """
   p = config.encoder.patch_size
   model = DetailFlowTokenizer(config)
-  return jax.jit(model.init)(rng, jnp.zeros((1, p, p, 3), jnp.float32))["params"]
+  return nn.unbox(jax.jit(model.init)(rng, jnp.zeros((1, p, p, 3), jnp.float32))["params"])
+
+
+def param_logical_axes(config):
+  """Pytree (same structure as the params) of PartitionSpecs of the params' logical axis
+  names (train/sharding.py maps them to mesh axes)."""
+  p = config.encoder.patch_size
+  abstract = jax.eval_shape(DetailFlowTokenizer(config).init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, p, p, 3), jnp.float32))
+  return nn.get_partition_spec(abstract["params"])
 
 
 def param_shapes(config):

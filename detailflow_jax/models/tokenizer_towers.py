@@ -15,6 +15,8 @@ from detailflow_jax.models import vit
 # SigLIP2-so400m's patch size: the official encoder keeps Hugging Face's patch Linear (and its
 # init) at this size and swaps in a fresh PyTorch Linear at any other.
 SIGLIP2_PATCH_SIZE = 16
+# Learned token tables (1, tokens, width): the width is FSDP-sharded like every embedding.
+LATENT_AXES = (None, "latents", "embed")
 
 
 def _static_int(x):
@@ -59,9 +61,12 @@ class LatentEncoder(nn.Module):
     self.transformer = vit.SiglipTransformer(self.width, self.depth, self.num_heads, self.mlp_dim,
                                              self.layer_norm_eps, self.dtype, self.precision)
     shape = (1, self.num_latents, self.width)
-    self.latent_tokens = self.param("latent_tokens", nn.initializers.normal(0.02), shape)
-    self.refined_tokens = self.param("refined_tokens", nn.initializers.normal(0.02), shape)
-    self.latent_pos_embed = self.param("latent_pos_embed", _trunc_normal_002, shape)
+    self.latent_tokens = self.param("latent_tokens", vit.logical(nn.initializers.normal(0.02),
+                                                                 LATENT_AXES), shape)
+    self.refined_tokens = self.param("refined_tokens", vit.logical(nn.initializers.normal(0.02),
+                                                                   LATENT_AXES), shape)
+    self.latent_pos_embed = self.param("latent_pos_embed",
+                                       vit.logical(_trunc_normal_002, LATENT_AXES), shape)
 
   def check_num_latents(self, num_latents):
     m = self.num_latents if num_latents is None else _static_int(num_latents)
@@ -111,13 +116,16 @@ class LatentDecoder(nn.Module):
     self.position_embedding = vit.PositionTable(self.pos_grid, self.width)
     self.transformer = vit.SiglipTransformer(self.width, self.depth, self.num_heads, self.mlp_dim,
                                              self.layer_norm_eps, self.dtype, self.precision)
-    self.mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width))
-    self.latent_pos_embed = self.param("latent_pos_embed", _trunc_normal_002,
+    self.mask_token = self.param("mask_token", vit.logical(nn.initializers.normal(0.02),
+                                                           LATENT_AXES), (1, 1, self.width))
+    self.latent_pos_embed = self.param("latent_pos_embed",
+                                       vit.logical(_trunc_normal_002, LATENT_AXES),
                                        (1, self.num_latents, self.width))
     out_dim = self.patch_size * self.patch_size * 3
-    self.to_pixel = nn.Dense(out_dim, dtype=self.dtype, precision=self.precision,
-                             kernel_init=vit.torch_linear_kernel_init,
-                             bias_init=vit.torch_linear_bias_init(self.width))
+    self.to_pixel = nn.Dense(
+        out_dim, dtype=self.dtype, precision=self.precision,
+        kernel_init=vit.logical(vit.torch_linear_kernel_init, ("embed", "patch")),
+        bias_init=vit.logical(vit.torch_linear_bias_init(self.width), ("patch",)))
 
   def __call__(self, latents, output_size: int, num_valid=None):
     size = _static_int(output_size)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detailflow_jax.models.partitioning import BLE, BLF, BLHD, constrain
+
 Dtype = Any
 Precision = Any
 
@@ -26,6 +28,11 @@ torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
 def torch_linear_bias_init(fan_in):
   bound = 1.0 / np.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def logical(init, names):
+  """An initialiser that declares the logical axes of its param (train/sharding.py maps them)."""
+  return nn.with_logical_partitioning(init, names)
 
 
 def _check_positive(name, value):
@@ -103,7 +110,8 @@ class PositionTable(nn.Module):
 
   @nn.compact
   def __call__(self, grid_h, grid_w):
-    table = self.param("embedding", nn.initializers.normal(stddev=1.0 / np.sqrt(self.width)),
+    table = self.param("embedding", logical(nn.initializers.normal(stddev=1.0 / np.sqrt(self.width)),
+                                            ("position", "embed")),
                        (self.grid * self.grid, self.width), self.param_dtype)
     return resize_position_table(table, grid_h, grid_w)
 
@@ -131,7 +139,9 @@ class SiglipPatchEmbeddings(nn.Module):
       inits = dict(kernel_init=torch_linear_kernel_init,
                    bias_init=torch_linear_bias_init(patches.shape[-1]))
     else:
-      inits = dict(kernel_init=nn.initializers.lecun_normal())
+      inits = dict(kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.zeros)
+    inits = dict(kernel_init=logical(inits["kernel_init"], ("patch", "embed")),
+                 bias_init=logical(inits["bias_init"], ("bias",)))
     tokens = nn.Dense(self.width, dtype=self.dtype, precision=self.precision,
                       name="patch_embedding", **inits)(patches)
     pos = PositionTable(self.pos_grid, self.width, name="position_embedding")(grid_h, grid_w)
@@ -164,13 +174,16 @@ class SiglipAttention(nn.Module):
     if self.width % self.num_heads:
       raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
     head_dim = self.width // self.num_heads
-    dense = lambda name: nn.Dense(self.width, dtype=self.dtype, precision=self.precision,
-                                  kernel_init=nn.initializers.xavier_uniform(), name=name)
+    # Megatron: q/k/v column-parallel (output = heads, head-major), out_proj row-parallel.
+    dense = lambda name, names, bias: nn.Dense(
+        self.width, dtype=self.dtype, precision=self.precision, name=name,
+        kernel_init=logical(nn.initializers.xavier_uniform(), names),
+        bias_init=logical(nn.initializers.zeros, (bias,)))
     b, l, _ = x.shape
-    split = lambda t: t.reshape(b, l, self.num_heads, head_dim)
-    q = split(dense("q_proj")(x))
-    k = split(dense("k_proj")(x))
-    v = split(dense("v_proj")(x))
+    split = lambda t: constrain(t.reshape(b, l, self.num_heads, head_dim), BLHD)
+    q = split(dense("q_proj", ("embed", "heads"), "heads")(x))
+    k = split(dense("k_proj", ("embed", "heads"), "heads")(x))
+    v = split(dense("v_proj", ("embed", "heads"), "heads")(x))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision)
     scores = scores.astype(jnp.float32) * (head_dim ** -0.5)
     if mask is not None:
@@ -178,8 +191,9 @@ class SiglipAttention(nn.Module):
       # this gives the same softmax.
       scores = jnp.where(_as_4d_mask(mask), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=self.precision)
-    return dense("out_proj")(out.reshape(b, l, self.width))
+    out = constrain(jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=self.precision), BLHD)
+    return constrain(dense("out_proj", ("heads", "embed"), "bias")(out.reshape(b, l, self.width)),
+                     BLE)
 
 
 class SiglipMLP(nn.Module):
@@ -191,17 +205,20 @@ class SiglipMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, precision=self.precision,
-                 kernel_init=nn.initializers.xavier_uniform(),
-                 bias_init=nn.initializers.normal(1e-6), name="fc1")(x)
-    x = jax.nn.gelu(x, approximate=True)  # gelu_pytorch_tanh
-    return nn.Dense(self.width, dtype=self.dtype, precision=self.precision,
-                    kernel_init=nn.initializers.xavier_uniform(),
-                    bias_init=nn.initializers.normal(1e-6), name="fc2")(x)
+                 kernel_init=logical(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+                 bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)), name="fc1")(x)
+    x = constrain(jax.nn.gelu(constrain(x, BLF), approximate=True), BLF)  # gelu_pytorch_tanh
+    return constrain(nn.Dense(self.width, dtype=self.dtype, precision=self.precision,
+                              kernel_init=logical(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+                              bias_init=logical(nn.initializers.normal(1e-6), ("bias",)),
+                              name="fc2")(x), BLE)
 
 
 def _layer_norm(eps, dtype, name):
   # Two-pass variance like PyTorch (flax's default fast variance E[x^2]-E[x]^2 loses digits).
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name,
+                      scale_init=logical(nn.initializers.ones, ("norm",)),
+                      bias_init=logical(nn.initializers.zeros, ("norm",)))
 
 
 class SiglipEncoderLayer(nn.Module):
@@ -215,11 +232,13 @@ class SiglipEncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None):
+    x = constrain(x, BLE)
     y = _layer_norm(self.layer_norm_eps, self.dtype, "layer_norm1")(x)
-    x = x + SiglipAttention(self.width, self.num_heads, self.dtype, self.precision,
-                            name="self_attn")(y, mask)
+    x = constrain(x + SiglipAttention(self.width, self.num_heads, self.dtype, self.precision,
+                                      name="self_attn")(y, mask), BLE)
     y = _layer_norm(self.layer_norm_eps, self.dtype, "layer_norm2")(x)
-    return x + SiglipMLP(self.width, self.mlp_dim, self.dtype, self.precision, name="mlp")(y)
+    return constrain(
+        x + SiglipMLP(self.width, self.mlp_dim, self.dtype, self.precision, name="mlp")(y), BLE)
 
 
 class SiglipTransformer(nn.Module):

@@ -48,7 +48,8 @@ def compiled_functions(key_json, mesh):
   config = ml_collections.ConfigDict(json.loads(key_json))
   objective = ar_objective.ARObjective(config, gpt_config_from(config))
   abstract = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0))
-  shardings = sharding.state_shardings(abstract, mesh)
+  shardings = sharding.state_shardings(abstract, mesh,
+                                       gpt.param_logical_axes(objective.gpt_config))
   abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   init = jax.jit(objective.init_state, out_shardings=shardings)
@@ -69,7 +70,8 @@ def make_step_fn(compiled_step, objective, mesh, log_every, num_steps):
   clock = dict(time=None, step=None)
 
   def step(state, host_batch, step_number):
-    state, metrics = compiled_step(state, sharding.shard_batch(host_batch, mesh))
+    with sharding.use_mesh(mesh):
+      state, metrics = compiled_step(state, sharding.shard_batch(host_batch, mesh))
     if clock["time"] is None:
       jax.block_until_ready(metrics)
       clock.update(time=time.perf_counter(), step=step_number)

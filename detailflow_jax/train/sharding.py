@@ -1,26 +1,53 @@
-"""One device mesh from the config, logical axis names for params, one rules table.
+"""One device mesh from the config, one rules table from logical axes to mesh axes.
 
-Params carry no annotations in the modules; their logical axes are derived here from the param
-path and shape (kernels are (in, out), embeddings are (rows, features)). The rules map logical
-axes to mesh axes; a dimension the mesh axis does not divide stays replicated, so any mesh shape
-works for any model and small models on big meshes do not fail.
+The models declare the logical axes of their params (`nn.with_logical_partitioning`) and of
+their key activations (`models/partitioning.constrain`); LOGICAL_AXIS_RULES maps both to the
+mesh axes (data, fsdp, tensor), as maxtext's `logical_axis_rules`:
+
+  - batch activations over data x fsdp;
+  - weights: `embed` over fsdp (ZeRO-3: XLA gathers a layer's weights where it uses them);
+  - tensor (Megatron): heads and `mlp` over tensor, so q/k/v, w1, w3 and fc1 are
+    column-parallel, the attention output projection, w2 and fc2 row-parallel (their input
+    dimension is split), two all-reduces per layer forward and two backward; `vocab` over
+    tensor (the GPT's output is vocab-parallel);
+  - everything else (norms, biases of row-parallel layers, the codebook, class and special
+    tokens, conv kernels of the discriminators) replicated.
+
+A dimension its mesh axes do not divide stays replicated, with a logged note, so any mesh runs
+any model. Train-state leaves that mirror a param (optimizer moments, EMA) take that param's
+sharding: they are matched by their path ending in the param's path.
 """
+import contextlib
 import math
 
+import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from absl import logging
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from detailflow_jax.models import partitioning
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
 
-# logical axis -> mesh axes (maxtext-style single table).
-LOGICAL_RULES = {
-    "batch": ("data", "fsdp"),
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "vocab": "tensor",
-    None: None,
-}
+# (logical name, mesh axes), first match wins (flax's convention). Names not listed here
+# (norm, bias, position, patch, latents, codebook, codebook_dim, classes, special, qkv,
+# features, conv_*) map to no mesh axis.
+LOGICAL_AXIS_RULES = (
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
 
 
 def mesh_shape(mesh_config, num_devices):
@@ -44,10 +71,52 @@ def mesh_shape(mesh_config, num_devices):
   return tuple(sizes)
 
 
+def dcn_shape(mesh_config):
+  """The (data, fsdp, tensor) sizes across slices / hosts (mesh.dcn_*; all 1: one slice)."""
+  get = mesh_config.get if hasattr(mesh_config, "get") else lambda k, d: d
+  sizes = tuple(int(get(f"dcn_{a}", 1)) for a in MESH_AXES)
+  if any(s < 1 for s in sizes):
+    raise ValueError(f"mesh.dcn_*: sizes must be >= 1, got {dict(zip(MESH_AXES, sizes))}")
+  return sizes
+
+
 def build_mesh(mesh_config, devices=None):
-  devices = jax.devices() if devices is None else devices
+  """The (data, fsdp, tensor) mesh with Auto axes (the partitioner places what the rules leave
+  open; jax.make_mesh's default, Explicit, turns every constraint into an assert).
+
+  One slice: `jax.make_mesh` (orders devices by the physical topology). Several slices or
+  hosts (mesh.dcn_* > 1): `mesh_utils.create_hybrid_device_mesh`, the dcn sizes across slices
+  (or processes, where devices carry no slice index, as on GPU clusters) and the rest within.
+  """
+  devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  types = (AxisType.Auto,) * len(MESH_AXES)
+  dcn = dcn_shape(mesh_config)
+  if dcn == (1,) * len(MESH_AXES):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+  uneven = [a for a, s, d in zip(MESH_AXES, shape, dcn) if s % d]
+  if uneven:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} is not divisible by mesh.dcn_* "
+                     f"{dict(zip(MESH_AXES, dcn))} on axes {uneven}; each mesh.<axis> must be "
+                     "a multiple of mesh.dcn_<axis>")
+  ici = tuple(s // d for s, d in zip(shape, dcn))
+  by_process = not hasattr(devices[0], "slice_index")
+  try:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
+  except ValueError as error:
+    granules = "processes" if by_process else "slices"
+    raise ValueError(f"mesh.dcn_* {dict(zip(MESH_AXES, dcn))} must multiply to the number of "
+                     f"{granules} ({jax.process_count() if by_process else 'slices'}): "
+                     f"{error}") from None
+  return Mesh(grid, MESH_AXES, axis_types=types)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh):
+  """The ambient mesh and the logical rules: trace, lower and call sharded programs inside it
+  (the models' activation constraints are no-ops outside)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    yield mesh
 
 
 def batch_axes_size(mesh):
@@ -64,33 +133,6 @@ def check_batch_size(batch_size, mesh, name="data.batch_size"):
     raise ValueError(f"{name}={batch_size} is not divisible by {jax.process_count()} processes")
 
 
-def logical_axes(path, shape):
-  """Logical axis names of one param from its path (a tuple of keys) and shape."""
-  name = path[-1] if path else ""
-  if len(shape) == 2 and name in ("embedding", "embedding_table"):
-    return ("vocab", "embed")
-  if len(shape) == 2:
-    return ("embed", "mlp")
-  if len(shape) >= 3:
-    # Conv kernels (h, w, in, out) and stacked tables: shard the last dim like an output.
-    return (None,) * (len(shape) - 1) + ("mlp",)
-  return (None,) * len(shape)
-
-
-def spec_for(axes, shape, mesh):
-  """PartitionSpec from logical axes, replicating dims the mesh axis does not divide."""
-  entries = []
-  for axis, dim in zip(axes, shape):
-    mesh_axes = LOGICAL_RULES.get(axis)
-    if mesh_axes is None:
-      entries.append(None)
-      continue
-    names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
-    size = math.prod(mesh.shape[n] for n in names)
-    entries.append(mesh_axes if size > 1 and dim % size == 0 else None)
-  return P(*entries)
-
-
 def _key_name(entry):
   for attr in ("key", "name", "idx"):
     if hasattr(entry, attr):
@@ -98,34 +140,62 @@ def _key_name(entry):
   return str(entry)
 
 
-def param_shardings(params, mesh):
-  """NamedShardings for a param pytree (also used for optimizer states shaped like params)."""
+def _path(path):
+  return tuple(_key_name(p) for p in path)
+
+
+def _axes_by_path(logical_axes):
+  """{param path: logical names} from pytrees of PartitionSpecs of logical names."""
+  table = {}
+  for tree in logical_axes:
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, P))
+    for path, spec in leaves:
+      if len(spec):
+        table[_path(path)] = tuple(spec)
+  return table
+
+
+def state_shardings(abstract_state, mesh, logical_axes):
+  """NamedShardings for a train-state pytree (arrays or ShapeDtypeStructs).
+
+  logical_axes: one or more pytrees of PartitionSpecs of logical axis names (the models'
+  `param_logical_axes`). A state leaf whose path ends with a param's path and has its rank
+  (the param itself, its Adam moments, its EMA) gets that param's sharding; any other leaf
+  (step, rng, counters, BatchNorm statistics, frozen feature models) is replicated.
+  """
+  if isinstance(logical_axes, dict) or not isinstance(logical_axes, (list, tuple)):
+    logical_axes = [logical_axes]
+  table = _axes_by_path(logical_axes)
+  longest = max((len(k) for k in table), default=0)
+  sizes = dict(mesh.shape)
+  noted = set()
+
   def one(path, leaf):
     shape = np.shape(leaf)
-    names = tuple(_key_name(p) for p in path)
-    return NamedSharding(mesh, spec_for(logical_axes(names, shape), shape, mesh))
-  return jax.tree_util.tree_map_with_path(one, params)
+    names = _path(path)
+    for start in range(max(0, len(names) - longest), len(names)):
+      axes = table.get(names[start:])
+      if axes is not None and len(axes) == len(shape):
+        def note(position, name, dim, mesh_axes, key=names[start:]):
+          if (key, position) not in noted:
+            noted.add((key, position))
+            logging.info("sharding: %s dimension %d (%s, size %d) is not divisible by mesh axes "
+                         "%s (size %d); kept replicated", "/".join(key), position, name, dim,
+                         mesh_axes, math.prod(sizes[a] for a in mesh_axes))
+        spec = partitioning.mesh_axes_for(axes, shape, sizes, LOGICAL_AXIS_RULES, note)
+        return NamedSharding(mesh, spec)
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
 def batch_sharding(mesh, ndim):
   """Leading (batch) dim over data x fsdp; the rest replicated."""
-  return NamedSharding(mesh, P(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def replicated(mesh):
   return NamedSharding(mesh, P())
-
-
-def state_shardings(state, mesh):
-  """Shardings for any train-state pytree: arrays shaped like params get param rules,
-  scalars (step, counters) are replicated."""
-  def one(path, leaf):
-    shape = np.shape(leaf)
-    if len(shape) == 0:
-      return replicated(mesh)
-    names = tuple(_key_name(p) for p in path)
-    return NamedSharding(mesh, spec_for(logical_axes(names, shape), shape, mesh))
-  return jax.tree_util.tree_map_with_path(one, state)
 
 
 def shard_batch(batch, mesh):

@@ -84,6 +84,17 @@ class TokenizerObjective:
       frozen["siglip"] = self.siglip.params
     return frozen
 
+  def param_logical_axes(self):
+    """Logical axis names of every trained param (train/sharding.py: state_shardings)."""
+    axes = {"tokenizer": tokenizer_model.param_logical_axes(self.config.tokenizer)}
+    if self.loss.align_weight:
+      axes["align_mlp"] = alignment.alignment_mlp_logical_axes(
+          self.config.tokenizer.codebook_dim, out_dim=self.siglip.width)
+    trees = [axes]
+    if self.disc_module is not None:
+      trees.append(discriminator.param_logical_axes(self.disc_init_params))
+    return trees
+
   def gan_active(self, step):
     """Whether the step runs the discriminator. As in the reference it runs on every step when
     the GAN is configured, with its loss weights zero before gan_start_step (adopt_weight on

@@ -16,9 +16,8 @@ def create(config, objective, mesh):
   # Pretrained init params are an argument, not a closure: as constants XLA would fold
   # hundreds of MB of weights into the program.
   abstract = jax.eval_shape(objective.init_state, rng, init_params)
-  shardings = sharding.state_shardings(abstract, mesh)
-  with mesh:
-    state = jax.jit(objective.init_state, out_shardings=shardings)(rng, init_params)
+  shardings = sharding.state_shardings(abstract, mesh, objective.param_logical_axes())
+  state = jax.jit(objective.init_state, out_shardings=shardings)(rng, init_params)
   abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return state, abstract, shardings

@@ -74,7 +74,7 @@ def make_step_fn(config, objective, abstract_state, state_shardings, mesh, warm=
                            gan_active=gan_active)
     jitted = jax.jit(fn, in_shardings=(state_shardings, None, None),
                      out_shardings=(state_shardings, None), donate_argnums=(0,))
-    with mesh:
+    with sharding.use_mesh(mesh):
       return jitted.lower(abstract_state, abstract_batch(config, size, mesh),
                           abstract_frozen).compile()
 
@@ -94,7 +94,7 @@ def make_step_fn(config, objective, abstract_state, state_shardings, mesh, warm=
     if key not in compiled:
       logging.info("compiling train step for output size %d, correction %s, gan %s", *key)
       compiled[key] = lower(key)
-    with mesh:
+    with sharding.use_mesh(mesh):
       return compiled[key](state, sharding.shard_batch(host_batch, mesh), frozen)
 
   step.compiled = compiled  # {variant key: compiled step}, for benchmarks/train_step.py
