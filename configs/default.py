@@ -34,6 +34,7 @@ def sample_config():
   s.top_k = 0
   s.top_p = 1.0
   s.gradual_cfg = False
+  s.image_size = 0           # side to sample at (an any-resolution tokenizer); 0: its own size
   return s
 
 

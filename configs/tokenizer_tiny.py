@@ -8,6 +8,9 @@ and GAN start are fractions of num_steps, and the discriminator is the from-scra
 No pretrained files needed: no SigLIP2 alignment (it needs the user's SigLIP2 weights; see
 configs/tokenizer_128.py). Without SigLIP2's encoder init the codebook collapses within the first
 hundred steps, so this config turns on dead-code restarts (code_reset, not in the paper).
+
+Args: "smoke" (a seconds-long run for tests), "dynres" (an any-resolution tokenizer trained at
+every side from 16 to 32 px), "smoke_dynres" (both).
 """
 from detailflow_jax.config import defaults
 
@@ -63,7 +66,17 @@ def get_config(arg=None):
   c.optim.warmup_steps = 50
   c.optim.disc_learning_rate = 1e-4
 
-  if arg == "smoke":  # seconds-long run for tests: MSE + VQ only, a smaller model
+  if arg in ("dynres", "smoke_dynres"):
+    # Any-resolution (dynamic_resolution.py, official resize_batch_img): one tokenizer trained
+    # at every best side of R(n) from 16 to 32 px (16, 20, 24, 28, 32 with 12, 16, 20, 24, 32
+    # tokens); 60% of the batches draw a random side, the rest run at 32 px. A short run:
+    # docs/tokenizer.md has its PSNR per side.
+    t.min_image_size = 16
+    c.data.dynamic_resolution_prob = 0.6
+    c.train.num_steps = 600
+    c.train.checkpoint_every = 200
+    c.train.image_every = 0
+  if arg in ("smoke", "smoke_dynres"):  # seconds-long run for tests: MSE + VQ only, small model
     c.train.num_steps = 4
     c.train.log_every = 2
     c.train.checkpoint_every = 2
@@ -76,4 +89,6 @@ def get_config(arg=None):
     t.encoder = defaults.vit_config(32, 1, 2, 64, 4, 8)
     t.decoder = defaults.vit_config(32, 1, 2, 64, 4, 8)
     t.codebook_size = 64
+  if arg == "smoke_dynres":
+    t.min_image_size = 28        # sides 28 and 32: two compiled variants
   return c

@@ -6,6 +6,7 @@
     images = sample(params, labels, rng=jax.random.PRNGKey(0), cfg_scale=1.5)
     for stage in sample_progressive(params, labels, rng=jax.random.PRNGKey(0)):
       show(stage.images)   # at R(stage.num_tokens), coarse to fine; the last equals sample()
+    small = sample(params, labels, rng=jax.random.PRNGKey(0), image_size=16)  # any-resolution
 """
 from detailflow_jax.api import Preview
 from detailflow_jax.api import SamplerParams
@@ -18,8 +19,9 @@ from detailflow_jax.api import load_tokenizer
 from detailflow_jax.api import sample
 from detailflow_jax.api import sample_progressive
 from detailflow_jax.api import supported_image_sizes
+from detailflow_jax.api import token_count_for_size
 from detailflow_jax.api import tokenizer_params
 
 __all__ = ["Preview", "SamplerParams", "TokenizerParams", "decode", "encode", "generate_codes",
            "load_sampler_params", "load_tokenizer", "sample", "sample_progressive",
-           "supported_image_sizes", "tokenizer_params"]
+           "supported_image_sizes", "token_count_for_size", "tokenizer_params"]

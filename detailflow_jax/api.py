@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from detailflow_jax import detail
+from detailflow_jax import dynamic_resolution
 from detailflow_jax import sampling
 from detailflow_jax import workdir_io
 from detailflow_jax.models import gpt as gpt_model
@@ -78,9 +79,10 @@ def _model(config):
   return tokenizer_model.DetailFlowTokenizer(config)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _encode(params, images, config):
-  return _model(config).apply({"params": params}, images, method="encode")["indices"]
+@functools.partial(jax.jit, static_argnames=("config", "num_latents"))
+def _encode(params, images, config, num_latents=None):
+  return _model(config).apply({"params": params}, images, num_latents,
+                              method="encode")["indices"]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_tokens", "output_size"))
@@ -90,16 +92,22 @@ def _decode(params, codes, config, num_tokens, output_size):
 
 
 def encode(tokenizer: TokenizerParams, images):
-  """NHWC float images in [-1, 1] at the tokenizer's image size -> int32 codes (B, N)."""
+  """NHWC float images in [-1, 1] -> int32 codes (B, n): n = N at the tokenizer's image size,
+  n = token_count_for_size(config, side) at another supported side (an any-resolution
+  tokenizer, see supported_image_sizes); other sides (multiples of the encoder patch) get N."""
   images = jnp.asarray(images, jnp.float32)
-  size = tokenizer.config.image_size
+  config = tokenizer.config
+  size = config.image_size
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"images must be NHWC RGB (B, H, W, 3), got shape {images.shape}")
-  if images.shape[1] % tokenizer.config.encoder.patch_size or \
-      images.shape[2] % tokenizer.config.encoder.patch_size:
+  if images.shape[1] % config.encoder.patch_size or images.shape[2] % config.encoder.patch_size:
     raise ValueError(f"image height/width {images.shape[1:3]} must be multiples of the encoder "
-                     f"patch {tokenizer.config.encoder.patch_size} (trained at {size}x{size})")
-  return _encode(tokenizer.params, images, tokenizer.config)
+                     f"patch {config.encoder.patch_size} (trained at {size}x{size})")
+  side = images.shape[1]
+  num_latents = None
+  if side == images.shape[2] and side != size and side in supported_image_sizes(config):
+    num_latents = token_count_for_size(config, side)
+  return _encode(tokenizer.params, images, config, num_latents)
 
 
 def decodable_token_counts(config):
@@ -107,8 +115,9 @@ def decodable_token_counts(config):
 
 
 def supported_image_sizes(config):
-  """Output sizes a tokenizer decodes to: today its one training size."""
-  return (int(config.image_size),)
+  """Sides a tokenizer encodes and decodes at, ascending: its image_size alone, or every best
+  side of R(n) in [tokenizer.min_image_size, image_size] for an any-resolution tokenizer."""
+  return dynamic_resolution.supported_sizes(config)
 
 
 def check_image_size(config, image_size):
@@ -124,12 +133,29 @@ def check_image_size(config, image_size):
   return image_size
 
 
-def decode(tokenizer: TokenizerParams, codes, num_tokens: Optional[int] = None):
-  """Codes (B, >= n) -> images (B, d, d, 3) from their first `num_tokens` codes, at the
-  decoder size d of R(n) (the full image size when num_tokens is None)."""
+def token_count_for_size(config, image_size):
+  """Codes of an image of `image_size` (official decres2besttoken): N at the tokenizer's own
+  size, fewer at smaller supported sizes. ValueError listing the supported sizes otherwise."""
+  return detail.resolution_schedule(config).decres2besttoken[check_image_size(config, image_size)]
+
+
+def decode(tokenizer: TokenizerParams, codes, num_tokens: Optional[int] = None,
+           image_size: Optional[int] = None):
+  """Codes (B, >= n) -> images from their first `num_tokens` codes.
+
+  image_size None: at the decoder size d of R(n) (the full image size when num_tokens is None).
+  image_size S (a supported size, official decode_code(..., img_size=S)): at S x S; num_tokens
+  None then means token_count_for_size(S)."""
   config = tokenizer.config
   codes = jnp.asarray(codes, jnp.int32)
-  n = config.num_tokens if num_tokens is None else int(num_tokens)
+  if image_size is not None:
+    check_image_size(config, image_size)
+  if num_tokens is not None:
+    n = int(num_tokens)
+  elif image_size is not None:
+    n = token_count_for_size(config, image_size)
+  else:
+    n = config.num_tokens
   valid = decodable_token_counts(config)
   if n not in valid:
     raise ValueError(f"num_tokens={num_tokens} is not a prefix length of this tokenizer; "
@@ -138,8 +164,8 @@ def decode(tokenizer: TokenizerParams, codes, num_tokens: Optional[int] = None):
     raise ValueError(f"codes must be (B, >= {n}) ints, got shape {codes.shape}")
   if codes.shape[1] < config.num_tokens:  # the decoder reads only the first n latents
     codes = jnp.pad(codes, ((0, 0), (0, config.num_tokens - codes.shape[1])))
-  schedule = detail.resolution_schedule(config)
-  return _decode(tokenizer.params, codes, config, n, schedule.decoder_size(n))
+  size = image_size or detail.resolution_schedule(config).decoder_size(n)
+  return _decode(tokenizer.params, codes, config, n, size)
 
 
 def generate_codes(params: SamplerParams, labels, *, rng, cfg_scale=1.5, temperature=1.0,
@@ -152,12 +178,20 @@ def generate_codes(params: SamplerParams, labels, *, rng, cfg_scale=1.5, tempera
 
 
 def sample(params: SamplerParams, labels, *, rng, cfg_scale=1.5, temperature=1.0, top_k=0,
-           top_p=1.0, gradual_cfg=False, num_tokens=None):
+           top_p=1.0, gradual_cfg=False, num_tokens=None, image_size=None):
   """Class-conditional images (B, d, d, 3) in [-1, 1]: sample codes, decode them. Fewer
-  tokens stop sampling early and give a smaller image at R(num_tokens)."""
+  tokens stop sampling early and give a smaller image at R(num_tokens).
+
+  image_size S (one of supported_image_sizes(params.tokenizer.config)): sample the codes of
+  an S x S image (token_count_for_size(S) of them unless num_tokens is given) and decode them
+  at S. An unsupported S is a ValueError listing the supported sizes."""
+  if image_size is not None and num_tokens is None:
+    num_tokens = token_count_for_size(params.tokenizer.config, image_size)
+  elif image_size is not None:
+    check_image_size(params.tokenizer.config, image_size)
   codes = generate_codes(params, labels, rng=rng, cfg_scale=cfg_scale, temperature=temperature,
                          top_k=top_k, top_p=top_p, gradual_cfg=gradual_cfg, num_tokens=num_tokens)
-  images = decode(params.tokenizer, codes, num_tokens=codes.shape[1])
+  images = decode(params.tokenizer, codes, num_tokens=codes.shape[1], image_size=image_size)
   return jnp.clip(images, -1.0, 1.0)
 
 
@@ -183,23 +217,27 @@ def sample_progressive(params: SamplerParams, labels, *, rng, cfg_scale=1.5, tem
   from the codes so far, at R(n), coarse to fine. The last one equals `sample` with the same
   key, bit for bit. Sampling runs one compiled step per next() (sampling.generate_codes_stepwise)
   and each stage is decoded as it comes, so a caller can show the image sharpen while it is
-  generated. image_size: the output size (None: the tokenizer's); the supported sizes are
-  `supported_image_sizes(params.tokenizer.config)`. Arguments are checked before the first stage.
+  generated. image_size: the output size (None: the tokenizer's), as in `sample`: the last stage
+  is decoded at it, from token_count_for_size(image_size) codes unless num_tokens is given; the
+  supported sizes are `supported_image_sizes(params.tokenizer.config)`. Arguments are checked
+  before the first stage.
   """
   config = params.tokenizer.config
   check_image_size(config, image_size)
+  if image_size is not None and num_tokens is None:
+    num_tokens = token_count_for_size(config, image_size)
   stages = sampling.generate_codes_stepwise(
       params.gpt, params.gpt_config, labels, rng=rng, cfg_scale=cfg_scale,
       temperature=temperature, top_k=top_k, top_p=top_p, gradual_cfg=gradual_cfg,
       num_tokens=num_tokens)
   last = params.gpt_config.block_size if num_tokens is None else int(num_tokens)
-  return _previews(params.tokenizer, stages, last)
+  return _previews(params.tokenizer, stages, last, image_size)
 
 
-def _previews(tokenizer, stages, last):
+def _previews(tokenizer, stages, last, image_size):
   schedule = detail.resolution_schedule(tokenizer.config)
   for n, codes in stages:
-    images = jnp.clip(decode(tokenizer, codes, num_tokens=n), -1.0, 1.0)
+    size = image_size if n == last else None   # the last stage as `sample` decodes it
+    images = jnp.clip(decode(tokenizer, codes, num_tokens=n, image_size=size), -1.0, 1.0)
     yield Preview(num_tokens=n, resolution=schedule.content_resolution(n),
-                  decoder_size=schedule.decoder_size(n), images=images, codes=codes,
-                  final=n == last)
+                  decoder_size=images.shape[1], images=images, codes=codes, final=n == last)

@@ -82,3 +82,78 @@ def test_check_pairing_names_the_mismatch(tokenizer):
                              block_size=tokenizer.config.num_tokens, group_size=4, causal_num=4)
   with pytest.raises(ValueError, match=r"codebook_size \(64, 999\)"):
     dfj.api.check_pairing(tokenizer.config, gcfg)
+
+
+# Any-resolution: a tiny tokenizer that supports every side from 16 to 32 px. Token counts per
+# side by the official rule (decres2besttoken of R(n) for N = 32 at 32 px, alpha 1.5, patch 4):
+# side 16 <- n = 12 (R = 15), 20 <- 16 (R = 20), 24 <- 20 (R = 24), 28 <- 24 (R = 27),
+# 32 <- 32 (R = 32).
+TOKENS_PER_SIDE = {16: 12, 20: 16, 24: 20, 28: 24, 32: 32}
+
+
+@pytest.fixture(scope="module")
+def any_size():
+  import pathlib  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  config = load_config_file(str(repo / "configs" / "tokenizer_tiny.py") + ":smoke").tokenizer
+  config.min_image_size = 16
+  tokenizer = dfj.tokenizer_params(tokenizer_model.init_params(config, jax.random.PRNGKey(0)),
+                                   config)
+  gcfg = gpt_model.GPTConfig(vocab_size=config.codebook_size, num_layers=1, dim=32, num_heads=2,
+                             num_classes=10, block_size=config.num_tokens, group_size=4,
+                             causal_num=4)
+  gpt_params = gpt_model.init_params(gcfg, jax.random.PRNGKey(2))
+  # The official init zeroes the head (uniform logits); draw it so the samples depend on it.
+  gpt_params["output"]["kernel"] = jax.random.normal(
+      jax.random.PRNGKey(3), gpt_params["output"]["kernel"].shape)
+  return dfj.SamplerParams(tokenizer=tokenizer, gpt=gpt_params, gpt_config=gcfg)
+
+
+def test_supported_sizes_and_token_counts(any_size, tokenizer):
+  config = any_size.tokenizer.config
+  assert dfj.supported_image_sizes(config) == tuple(TOKENS_PER_SIDE)
+  assert {s: dfj.token_count_for_size(config, s) for s in TOKENS_PER_SIDE} == TOKENS_PER_SIDE
+  assert dfj.supported_image_sizes(tokenizer.config) == (32,)   # a one-size tokenizer
+
+
+@pytest.mark.parametrize("side", sorted(TOKENS_PER_SIDE))
+def test_sample_at_each_supported_size(any_size, side):
+  labels = jnp.array([0, 3])
+  rng = jax.random.PRNGKey(5)
+  images = dfj.sample(any_size, labels, rng=rng, image_size=side)
+  assert images.shape == (2, side, side, 3)
+  assert float(images.min()) >= -1 and float(images.max()) <= 1
+  np.testing.assert_array_equal(images, dfj.sample(any_size, labels, rng=rng, image_size=side))
+  # The official count of codes for the side, decoded at the side.
+  codes = dfj.generate_codes(any_size, labels, rng=rng, num_tokens=TOKENS_PER_SIDE[side])
+  expected = jnp.clip(dfj.decode(any_size.tokenizer, codes, image_size=side), -1, 1)
+  np.testing.assert_array_equal(images, expected)
+  if side == 20:   # one side is enough here (every stage compiles its own decode)
+    *_, last = dfj.sample_progressive(any_size, labels, rng=rng, image_size=side)
+    assert last.codes.shape == (2, TOKENS_PER_SIDE[side]) and last.final
+    np.testing.assert_array_equal(last.images, images)
+
+
+def test_decode_any_prefix_at_any_size_and_encode_at_a_smaller_size(any_size, images):
+  tokenizer = any_size.tokenizer
+  codes = dfj.encode(tokenizer, images)
+  assert codes.shape == (2, 32)
+  for n, side in ((8, 32), (32, 16), (4, 24)):
+    assert dfj.decode(tokenizer, codes, num_tokens=n, image_size=side).shape == (2, side, side, 3)
+  small = dfj.encode(tokenizer, images[:, ::2, ::2])   # a 16 x 16 image: 12 codes
+  assert small.shape == (2, 12)
+  at_16 = dfj.decode(tokenizer, small, image_size=16)
+  assert at_16.shape == (2, 16, 16, 3)
+  # All 12 codes of a 16 px image decode at R(12) = 15 -> 16 px: the same program and output.
+  np.testing.assert_array_equal(at_16, dfj.decode(tokenizer, small, num_tokens=12))
+
+
+def test_unsupported_size_lists_the_supported_ones(any_size, tokenizer, images):
+  message = (r"image_size=18 is not supported by this tokenizer; "
+             r"supported sizes: \[16, 20, 24, 28, 32\]")
+  with pytest.raises(ValueError, match=message):
+    dfj.sample(any_size, jnp.array([0]), rng=jax.random.PRNGKey(0), image_size=18)
+  with pytest.raises(ValueError, match=message):
+    dfj.decode(any_size.tokenizer, dfj.encode(any_size.tokenizer, images), image_size=18)
+  with pytest.raises(ValueError, match=r"image_size=16 is not supported .*supported sizes: \[32\]"):
+    dfj.decode(tokenizer, dfj.encode(tokenizer, images), image_size=16)

@@ -290,6 +290,17 @@ def test_eval_token_counts_validation(tokenizer_workdir):
   e.fid_token_counts = (8,)
   with pytest.raises(ValueError, match="eval.fid_token_counts"):
     eval_tokenizer.eval_token_counts(e, schedule)
+  # At a smaller image size (eval.image_size) the prefixes stop at that size's token count.
+  e.token_counts, e.fid_token_counts = (), ()
+  assert eval_tokenizer.eval_token_counts(e, schedule, 20)[0] == [1, 2, 3, 4, 8, 12, 16, 20]
+
+
+def test_eval_at_an_unsupported_size_lists_the_sizes(tmp_path, tokenizer_workdir):
+  config = load_config("eval_tokenizer_tiny.py")
+  config.eval.tokenizer_workdir = str(tokenizer_workdir[0])
+  config.eval.image_size = 20
+  with pytest.raises(ValueError, match=r"image_size=20 is not supported .*supported sizes: \[32\]"):
+    eval_tokenizer.evaluate_tokenizer(config, str(tmp_path))
 
 
 def test_evaluate_prefixes_for_the_pipeline(tmp_path, tokenizer_workdir, fashion_dir,

@@ -10,6 +10,7 @@ from PIL import Image
 from detailflow_jax import api
 from detailflow_jax.config import files
 from detailflow_jax import detail
+from detailflow_jax import images as image_io
 from detailflow_jax import labelled_grid
 from detailflow_jax import workdir_io
 from detailflow_jax.data import fashion_mnist
@@ -122,3 +123,28 @@ def test_write_outputs_labels_rows_and_columns(tmp_path, tiny_tokenizer):
   with np.load(tmp_path / "samples.npz") as npz:
     np.testing.assert_array_equal(npz["arr_0"], images)
     np.testing.assert_array_equal(npz["arr_1"], labels)
+
+
+def test_write_outputs_at_a_chosen_size(tmp_path, tiny_tokenizer):
+  # An any-resolution version of the fixture's tokenizer (N = 8 at 32 px): sides 20 and 32, with
+  # 4 and 8 codes. Samples of a 20 px image are its 4 codes decoded at 20 px; the strip shows
+  # prefixes up to 4 codes in 20 px cells.
+  config = tiny_tokenizer.config.to_dict()
+  config["min_image_size"] = 20
+  tokenizer = api.tokenizer_params(tiny_tokenizer.params, config)
+  assert api.supported_image_sizes(tokenizer.config) == (20, 32)
+  assert api.token_count_for_size(tokenizer.config, 20) == 4
+  num_classes, per_class, side = 10, 1, 20
+  labels = sample.class_labels(num_classes, per_class)
+  codes = np.random.default_rng(0).integers(0, tokenizer.config.codebook_size, (len(labels), 4))
+  names = sample.class_names("", num_classes)
+  images = sample.write_outputs(tmp_path, tokenizer, codes, labels, num_classes, per_class, names,
+                                image_size=side)
+  assert images.shape == (10, side, side, 3)
+  expected = np.clip(np.asarray(api.decode(tokenizer, codes, image_size=side)), -1, 1)
+  np.testing.assert_array_equal(images, image_io.to_uint8(expected))
+  columns = sample.strip_column_labels(tokenizer.config, (1, 2, 3, 4))
+  margin, cell = labelled_grid.left_margin(names), side * labelled_grid.SCALE + 2
+  with Image.open(tmp_path / "coarse_to_fine.png") as strip:
+    assert strip.size == (4 * cell + 2 + margin,
+                          num_classes * cell + 2 + labelled_grid.top_margin(columns))

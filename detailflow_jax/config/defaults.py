@@ -18,7 +18,11 @@ def vit_config(width, depth, num_heads, mlp_dim, patch_size, pos_grid):
 def tokenizer_model_config():
   """The paper's DetailFlow-16 tokenizer (N=128) at 256 px."""
   c = ml_collections.ConfigDict()
-  c.image_size = 256
+  c.image_size = 256          # the largest side; R(n) is built on it
+  # Smallest side of an any-resolution tokenizer (official min_image_size): it encodes and
+  # decodes at every best side of R(n) in [min_image_size, image_size], with fewer tokens at
+  # smaller sides (dynamic_resolution.py). 0: one size, image_size.
+  c.min_image_size = 0
   c.num_tokens = 128          # N
   c.group_size = 8            # g
   c.causal_num = 8            # first tokens decoded one by one
@@ -50,6 +54,15 @@ def data_config():
   c.batch_size = 256           # global batch
   c.degrade_prob = 0.2         # probability of a prefix n < N (official degradation_prob)
   c.correction_prob = 1.0      # probability of a self-correction noise position when n > 1
+  # Training at several sides in [tokenizer.min_image_size, tokenizer.image_size] (official
+  # resize_batch_img): per batch, a random side snapped to R(n)'s best sides with
+  # dynamic_resolution_prob, the largest with max_resolution_prob, else train_image_size
+  # (0: tokenizer.image_size). reduce_batch_at_large_sizes: 50% of the batch at 481-512 px, 60% at
+  # 384-480 px (official adjust_bs_by_resolution).
+  c.dynamic_resolution_prob = 0.0
+  c.max_resolution_prob = 0.0
+  c.train_image_size = 0
+  c.reduce_batch_at_large_sizes = False
   c.resize_min = 256           # shorter side drawn from U[resize_min, resize_max], then crop
   c.resize_max = 320
   c.random_flip = True

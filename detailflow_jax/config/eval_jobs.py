@@ -35,6 +35,8 @@ def eval_tokenizer_section():
   c.split = "test"
   c.num_images = 0             # 0: the whole split
   c.batch_size = 64
+  c.image_size = 0             # side to evaluate at (an any-resolution tokenizer: images cropped
+                               # to it, encoded with its token count); 0: the tokenizer's own
   c.token_counts = ()          # prefix lengths n; empty: the schedule's token list
   c.compute_fid = True         # rFID per n (one Inception pass per n: slow on CPU)
   c.fid_token_counts = ()      # the n that get an rFID; empty: every n of token_counts
@@ -75,7 +77,10 @@ def eval_generator_section():
   c.temperature = 1.0
   c.top_k = 0                  # 0: no top-k filter (official eval: 8192 = no filter)
   c.top_p = 1.0
-  c.num_tokens = 0             # codes per image; 0: the GPT's block size (all)
+  c.image_size = 0             # side to sample at (an any-resolution tokenizer): its token count,
+                               # decoded at that side; 0: the tokenizer's own size
+  c.num_tokens = 0             # codes per image; 0: the GPT's block size (all), or the token
+                               # count of image_size
   c.output_size = 0            # side of the saved images; 0: the decoder's side for num_tokens
   c.batch_size = 64
   c.run_name = ""              # output subfolder; empty: built from the settings

@@ -10,22 +10,24 @@ draws the same n and its decoder output side matches on all hosts.
 Compiled variants: the train step is specialised on the target side only (n is a traced
 scalar: the decoder masks latents beyond n), so a config has
 len(detail.resolution_schedule(config.tokenizer).output_sizes()) of them, e.g. 14 for
-N=128 at 256 px.
+N=128 at 256 px. A run at several image sizes (dynamic_resolution.py) has such a set per side.
 """
 import dataclasses
 import math
+from typing import Optional
 
 import grain
 import numpy as np
 
 from detailflow_jax import detail
+from detailflow_jax import dynamic_resolution
 from detailflow_jax.data import degrade
 from detailflow_jax.data import sources
 from detailflow_jax.data import transforms
 
 # Distinct streams derived from config.seed, so the shuffle, the augmentation and the
 # per-batch draws never share random numbers.
-_SHUFFLE_STREAM, _AUGMENT_STREAM, _BATCH_DRAW_STREAM = 1, 2, 3
+_SHUFFLE_STREAM, _AUGMENT_STREAM, _BATCH_DRAW_STREAM, _SIZE_DRAW_STREAM = 1, 2, 3, 4
 # Batches are large (b x H x W x 3 float32): keep only a couple in flight per reader.
 _READ_THREADS = 2
 _PREFETCH_BATCHES = 2
@@ -40,32 +42,50 @@ def derive_seed(seed, *stream):
 
 @dataclasses.dataclass(frozen=True)
 class DegradeBatch(grain.transforms.MapWithIndex):
-  """Adds num_tokens (n), noise_position and the degraded target to a batch of images."""
+  """Adds num_tokens (n), noise_position and the degraded target to a batch of images.
+
+  With `sizes` (dynamic_resolution.TrainingSizes) the batch first draws its side r, is resized
+  to it (and cut to sizes.rows(b, r) rows), and n is drawn below the token count of r; the side
+  comes from its own random stream, so the n / noise draws of a one-size run (sizes None) are
+  unchanged.
+  """
   schedule: detail.ResolutionSchedule
   seed: int
   degrade_prob: float
   correction_prob: float
+  sizes: Optional[dynamic_resolution.TrainingSizes] = None
+
+  def side(self, batch_index):
+    """The image side of the batch with this index; the same on every process."""
+    if self.sizes is None:
+      return self.schedule.image_size
+    return self.sizes.draw(np.random.default_rng([self.seed, _SIZE_DRAW_STREAM, batch_index]))
 
   def draw(self, batch_index):
     """(n, noise position) for the batch with this index; the same on every process."""
     rng = np.random.default_rng([self.seed, _BATCH_DRAW_STREAM, batch_index])
     s = self.schedule
-    n = detail.sample_prefix_length(rng, s.num_tokens, s.group_size, s.causal_num,
-                                    self.degrade_prob)
+    tokens = s.decres2besttoken[self.side(batch_index)]  # N at the schedule's own side
+    n = detail.sample_prefix_length(rng, tokens, s.group_size, s.causal_num, self.degrade_prob)
     noise = detail.sample_noise_position(rng, n, s.group_size, s.causal_num,
                                          self.correction_prob)
     return n, noise
 
   def map_with_index(self, index, batch):
     n, noise = self.draw(index)
-    images = batch["image"]
-    if n == self.schedule.num_tokens:
-      target = images  # R(N) = image_size = decoder side: the target is the image itself
+    images, labels = batch["image"], batch["label"]
+    side = self.side(index)
+    if self.sizes is not None:
+      rows = self.sizes.rows(images.shape[0], side)
+      images = degrade.resize_images(images[:rows], side)
+      labels = labels[:rows]
+    if n == self.schedule.decres2besttoken[side]:
+      target = images  # R(n) rounds to this side: the target is the image itself
     else:
       target = degrade.degraded_target(images, self.schedule.content_resolution(n),
                                        self.schedule.decoder_size(n))
     return dict(image=images, target=target, num_tokens=np.int32(n),
-                noise_position=np.int32(noise), label=batch["label"].astype(np.int32))
+                noise_position=np.int32(noise), label=labels.astype(np.int32))
 
 
 def _check_sharding(batch_size, process_index, process_count):
@@ -113,6 +133,15 @@ def make_tokenizer_train_dataset(config, *, process_index=0, process_count=1):
     raise ValueError(f"data.degrade_prob={data.degrade_prob} needs num_tokens >= group_size + "
                      f"causal_num, got {schedule.num_tokens} < {schedule.group_size} + "
                      f"{schedule.causal_num}")
+  sizes = dynamic_resolution.training_sizes(config)
+  if sizes is not None and data.degrade_prob > 0:
+    few = {r: schedule.decres2besttoken[r] for r in sizes.sides()
+           if schedule.decres2besttoken[r] < schedule.group_size + schedule.causal_num}
+    if few:
+      raise ValueError(f"data.degrade_prob={data.degrade_prob} needs at least group_size + "
+                       f"causal_num = {schedule.group_size + schedule.causal_num} tokens at every "
+                       f"training side; sides {sorted(few)} have {list(few.values())}: raise "
+                       f"tokenizer.min_image_size")
   augment = transforms.TrainAugment(
       image_size=schedule.image_size, resize_min=data.resize_min, resize_max=data.resize_max,
       random_flip=data.random_flip)
@@ -125,15 +154,18 @@ def make_tokenizer_train_dataset(config, *, process_index=0, process_count=1):
   dataset = dataset.random_map(augment, seed=derive_seed(config.seed, _AUGMENT_STREAM))
   dataset = process_rows_of_global_batches(dataset, local_batch, process_index, process_count)
   return dataset.map_with_index(DegradeBatch(
-      schedule, config.seed, float(data.degrade_prob), float(data.correction_prob)))
+      schedule, config.seed, float(data.degrade_prob), float(data.correction_prob), sizes))
 
 
 def make_tokenizer_train_iterator(config, *, process_index=0, process_count=1):
   """Infinite iterator of this process's tokenizer training batches.
 
   Each element is a dict of numpy arrays (b = data.batch_size // process_count):
-    image           (b, S, S, 3) float32 in [-1, 1], S = tokenizer.image_size
-    target          (b, d, d, 3) float32, d = schedule.decoder_size(n); the image when n == N
+    image           (b, S, S, 3) float32 in [-1, 1], S = tokenizer.image_size; with several
+                    training sizes (dynamic_resolution.training_sizes) S is the side this batch
+                    drew and b may be cut at large sides (data.reduce_batch_at_large_sizes)
+    target          (b, d, d, 3) float32, d = schedule.decoder_size(n); the image when n is
+                    the token count of S (N at tokenizer.image_size)
     num_tokens      int32 scalar n, the same on every process for a given step
     noise_position  int32 scalar, first self-correction token, -1 for none
     label           (b,) int32

@@ -16,6 +16,7 @@ import re
 import ml_collections
 import numpy as np
 
+from detailflow_jax import dynamic_resolution
 from detailflow_jax.config import defaults
 from detailflow_jax.interop import gpt_state_dict
 from detailflow_jax.models import gpt_config as gpt_lib
@@ -58,6 +59,9 @@ TOKENIZER_TRAIN_FIELDS = {
     "disc_start": "loss.gan_start_step", "lecam_loss_weight": "loss.lecam_weight",
     "disc_cr_loss_weight": "loss.consistency_weight", "use_diff_aug": "loss.diff_augment",
     "global_token_loss_weight": "loss.align_weight",
+    "dynamic_resolution_prob": "data.dynamic_resolution_prob",
+    "max_resolution_prob": "data.max_resolution_prob",
+    "adjust_bs_by_resolution": "data.reduce_batch_at_large_sizes",
 }
 GPT_TRAIN_FIELDS = {
     "global_batch_size": "data.batch_size", "global_seed": "seed", "lr": "optim.learning_rate",
@@ -143,7 +147,7 @@ def tokenizer_train_args(config, has_ema):
   dec_model, dec_pretrained = official_tower(c.decoder)
   args = dict(
       vq_model="VQ-16", image_size=c.image_size, max_image_size=c.image_size,
-      min_image_size=c.image_size, content_degradation="resolution_power",
+      min_image_size=dynamic_resolution.min_image_size(c), content_degradation="resolution_power",
       degradation_power=c.degradation_power, dynamic_resolution_prob=0,
       num_latent_tokens=c.num_tokens, group_size=c.group_size, causal_num=c.causal_num,
       codebook_size=c.codebook_size, codebook_embed_dim=c.codebook_dim,
@@ -227,6 +231,8 @@ def tokenizer_config_from_official(model_args, train_args, state_dict):
   c.commitment_beta = float(model_args.get("commit_loss_beta", c.commitment_beta))
   if "degradation_power" in train_args:
     c.degradation_power = float(train_args["degradation_power"])
+  if "min_image_size" not in saved and int(train_args.get("min_image_size") or 0) < c.image_size:
+    c.min_image_size = int(train_args.get("min_image_size") or 0)   # an any-resolution run
   if "min_decoder_size" not in saved:
     # The official R(n) schedule uses the decoder patch as its minimum output size.
     c.min_decoder_size = int(model_args.get("dec_patch_size", c.decoder.patch_size))

