@@ -1,8 +1,12 @@
 """Multi-process start-up (distributed.py), the local launcher, and 2 processes x 4 devices
-against 1 process x 8 devices through the launcher and main.py."""
+against 1 process x 8 devices through the launcher and main.py, stopped by SIGTERM to one
+process."""
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -97,45 +101,74 @@ def test_launcher_environment_and_exit_status(tmp_path):
   assert "must be positive integers, got 'x'" in usage.stderr
 
 
-# --- 2 processes x 4 devices == 1 process x 8 devices ---------------------------------------
+# --- 2 processes x 4 devices == 1 process x 8 devices; SIGTERM to one process -----------------
 
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path, fake_fmnist_dir):
-  steps = 20
-  overrides = [f"--config.train.num_steps={steps}", "--config.train.log_every=1",
-               f"--config.train.checkpoint_every={steps}", "--config.mesh.data=2",
-               "--config.mesh.fsdp=4"]
-  one_dir, two_dir = tmp_path / "one_x8", tmp_path / "two_x4"
+def _wait_for_line(path, pattern, process, timeout=600):
+  """Polls a log file until a line matches (each process of the launcher writes its own log:
+  lines of two processes sharing one pipe could interleave)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    if any(re.search(pattern, line) for line in lines):
+      return
+    if process.poll() is not None:
+      break
+    time.sleep(0.05)
+  raise AssertionError(f"{path.name}: no line matching {pattern!r}; last lines:\n"
+                       + "\n".join(lines[-30:]))
+
+
+def test_two_processes_match_one_process_and_stop_together_on_sigterm(tmp_path, fake_fmnist_dir):
+  """One training as 2 processes x 4 devices and as 1 process x 8 devices on the same data x fsdp
+  mesh. SIGTERM to process 1 alone, as a preempted host gets it, stops both processes at one
+  step, which they save, and the job exits 0; up to that step losses and params match the
+  one-process run, which checkpoints every step and stops itself at step REFERENCE_STEPS."""
+  reference_steps = 10
+  overrides = ["--config.train.num_steps=100000", "--config.train.log_every=1",
+               "--config.mesh.data=2", "--config.mesh.fsdp=4"]
+  one_dir, two_dir, logs = tmp_path / "one_x8", tmp_path / "two_x4", tmp_path / "logs"
   # Both jobs at once: the two-process job spends much of its time waiting on gloo.
   with open(tmp_path / "one_x8.log", "w") as one_log:
-    one = subprocess.Popen(runs.main_command(one_dir, fake_fmnist_dir, *overrides),
-                           cwd=runs.REPO, env=runs.cpu_env(8), stdout=one_log,
-                           stderr=subprocess.STDOUT)
-    two = subprocess.run(
-        [runs.LAUNCH_LOCAL, "2", "4", *runs.main_command(two_dir, fake_fmnist_dir, *overrides)],
-        cwd=runs.REPO, env=runs.cpu_env(LOCAL_LOG_DIR=tmp_path / "logs"), capture_output=True,
-        text=True, timeout=900, check=False)
-    one.wait(timeout=900)
-  logs = "".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*.log")))
-  assert two.returncode == 0, logs
-  assert one.returncode == 0, (tmp_path / "one_x8.log").read_text()[-3000:]
+    one = subprocess.Popen(
+        runs.main_command(one_dir, fake_fmnist_dir, *overrides, "--config.train.checkpoint_every=1",
+                          f"--config.train.keep_checkpoints={reference_steps}"),
+        cwd=runs.REPO, stdout=one_log, stderr=subprocess.STDOUT,
+        env=runs.cpu_env(8, DETAILFLOW_SIGTERM_AT=f"tokenizer_step:{reference_steps}"))
+    two = subprocess.Popen(
+        [runs.LAUNCH_LOCAL, "2", "4", *runs.main_command(
+            two_dir, fake_fmnist_dir, *overrides, "--config.train.checkpoint_every=100000")],
+        cwd=runs.REPO, env=runs.cpu_env(LOCAL_LOG_DIR=logs), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    _wait_for_line(logs / "process_0.log", r"^step 2/100000", two)
+    by_id = {runs.process_env(pid).get("JAX_PROCESS_ID"): pid for pid in runs.child_pids(two.pid)}
+    os.kill(by_id["1"], signal.SIGTERM)   # process 0 gets none
+    two_status, one_status = two.wait(timeout=900), one.wait(timeout=900)
+  output = "\n".join(p.read_text() for p in sorted(logs.glob("*.log")))
+  assert two_status == 0, output[-4000:]
+  assert one_status == 0, (tmp_path / "one_x8.log").read_text()[-3000:]
+  saved = sorted({int(s) for s in re.findall(r"SIGTERM: saved step (\d+)", output)})
+  assert len(saved) == 1, output[-4000:]   # both processes report the same step
+  stop = saved[0]
+  assert runs.finished_steps(two_dir) == [stop]
+  assert 2 <= stop <= reference_steps, f"the job stopped at step {stop}, after the reference"
 
   single, multi = runs.read_scalars(one_dir), runs.read_scalars(two_dir)
+  assert sorted(multi["train/loss"]) == list(range(1, stop + 1))
   for tag in ("train/loss", "train/mse_loss", "train/grad_norm"):
-    a = np.array([single[tag][s] for s in range(1, steps + 1)])
-    b = np.array([multi[tag][s] for s in range(1, steps + 1)])
+    a = np.array([single[tag][s] for s in range(1, stop + 1)])
+    b = np.array([multi[tag][s] for s in range(1, stop + 1)])
     np.testing.assert_allclose(b, a, rtol=LOSS_RTOL, err_msg=tag)
-  assert not np.allclose(single["train/loss"][1], single["train/loss"][steps])  # it trained
+  assert not np.allclose(single["train/loss"][1], single["train/loss"][reference_steps])
 
   # Only process 0 writes metrics; every process writes its checkpoint shards.
   assert len(runs.event_files(two_dir)) == 1
-  state_dir = two_dir / "checkpoints" / str(steps) / "state"
+  state_dir = two_dir / "checkpoints" / str(stop) / "state"
   assert (state_dir / "ocdbt.process_0").is_dir() and (state_dir / "ocdbt.process_1").is_dir()
   # Each process saved its own iterator state; the tokenizer pipeline's is the global batch
   # index, the same in every process and for any process count.
-  assert runs.data_states(two_dir, steps) == 2 * runs.data_states(one_dir, steps)
-  params_one = runs.flat_with_paths(runs.restore_numpy(one_dir, steps)["params"])
-  params_two = runs.flat_with_paths(runs.restore_numpy(two_dir, steps)["params"])
+  assert runs.data_states(two_dir, stop) == 2 * runs.data_states(one_dir, stop)
+  params_one = runs.flat_with_paths(runs.restore_numpy(one_dir, stop)["params"])
+  params_two = runs.flat_with_paths(runs.restore_numpy(two_dir, stop)["params"])
   assert params_one.keys() == params_two.keys()
   for key, value in params_one.items():
     if "k_proj']['bias" in key:

@@ -1,10 +1,11 @@
-"""Staying up: SIGTERM saves and exits 0 (one process and a two-process job), the same command
-resumes, and a run killed with SIGKILL at a random point resumes to bit-identical params and
-data order. In this process (fast): preemption.py's flag, its DETAILFLOW_SIGTERM_AT hook, and the
-training loop saving the step it stops at. The pipeline's stages: tests/test_pipeline.py."""
+"""Staying up: SIGTERM saves and exits 0, the same command resumes, and a run killed with SIGKILL
+at a random point resumes to bit-identical params and data order. In this process (fast):
+preemption.py's flag, its DETAILFLOW_SIGTERM_AT hook, and the training loop saving the step it
+stops at. Elsewhere: SIGTERM to one process of a two-process job (tests/test_distributed.py), a
+two-process job killed and resumed (tests/test_checkpoints.py), the pipeline's stages
+(tests/test_pipeline.py)."""
 import os
 import random
-import re
 import signal
 import time
 
@@ -13,8 +14,6 @@ import pytest
 
 from scripts import training_runs as runs
 
-LONG_RUN = ["--config.train.num_steps=100000", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=100000"]
 K = 3  # checkpoint interval of the single-process runs; they train 2K steps
 SHORT_RUN = [f"--config.train.num_steps={2 * K}", "--config.train.log_every=1",
              f"--config.train.checkpoint_every={K}"]
@@ -28,7 +27,6 @@ def single_env(tmp_path_factory):
   return runs.cpu_env(1, DETAILFLOW_TEST_CACHE=cache)
 
 
-@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero_then_the_same_command_resumes(tmp_path, fake_fmnist_dir,
                                                                      single_env):
   command = runs.train_steps_command(tmp_path / "run", fake_fmnist_dir, *SHORT_RUN,
@@ -49,26 +47,6 @@ def test_sigterm_saves_and_exits_zero_then_the_same_command_resumes(tmp_path, fa
   status, lines = second.finish()
   assert status == 0, "\n".join(lines[-20:])
   assert first_step == saved + 1 and runs.finished_steps(tmp_path / "run")[-1] == 2 * K
-
-
-@pytest.mark.slow
-def test_sigterm_to_one_process_stops_the_whole_job_at_one_step(tmp_path, fake_fmnist_dir):
-  workdir = tmp_path / "run"
-  command = [runs.LAUNCH_LOCAL, "2", "1",
-             *runs.main_command(workdir, fake_fmnist_dir, *LONG_RUN, "--config.mesh.data=2")]
-  job = runs.start(command, runs.cpu_env())
-  job.wait_for(r"^step 2/100000")   # printed by process 0
-  launcher = job.process.pid
-  by_id = {runs.process_env(pid).get("JAX_PROCESS_ID"): pid for pid in runs.child_pids(launcher)}
-  os.kill(by_id["1"], signal.SIGTERM)  # as a preempted host would get it; process 0 gets none
-  status, lines = job.finish()
-  output = "\n".join(lines)
-  assert status == 0, output[-4000:]
-  steps = sorted({int(s) for s in re.findall(r"SIGTERM: saved step (\d+)", output)})
-  assert len(steps) == 1, output[-4000:]   # both processes report the same step
-  assert runs.finished_steps(workdir) == steps
-  state_dir = workdir / "checkpoints" / str(steps[0]) / "state"
-  assert (state_dir / "ocdbt.process_0").is_dir() and (state_dir / "ocdbt.process_1").is_dir()
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path, fake_fmnist_dir, single_env):

@@ -79,7 +79,6 @@ def run_losses(devices, data, fsdp, workdir, fake_dir):
   return json.loads(line[len("LOSSES "):])
 
 
-@pytest.mark.slow
 def test_eight_devices_data_fsdp_match_one_device(tmp_path, fake_fmnist_dir):
   one = run_losses(1, 1, 1, tmp_path / "one", fake_fmnist_dir)
   eight = run_losses(8, 4, 2, tmp_path / "eight", fake_fmnist_dir)
