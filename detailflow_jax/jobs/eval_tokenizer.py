@@ -321,7 +321,10 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
     for n in counts:
       acc, size = accs[n], side if n == n_max else schedule.decoder_size(n)
       recon = np.asarray(decode(params, quant, jnp.int32(n), size=size))[valid]
-      target = degrade.degraded_target(real, schedule.content_resolution(n), size)
+      # All the codes of the image reproduce the image itself, as in training (at a smaller
+      # eval.image_size R(n) rounds up to the side); shorter prefixes their R(n) target.
+      target = real if n == n_max else degrade.degraded_target(
+          real, schedule.content_resolution(n), size)
       _compare(acc, "degraded", _unit(inputs.to_uint8(recon)), np.clip((target + 1) / 2, 0, 1))
       resized = degrade.resize_images(recon, side)
       full_uint8 = inputs.to_uint8(resized)
