@@ -71,7 +71,7 @@ class ARObjective:
     grads, metrics = jax.grad(self.loss_fn, has_aux=True)(state.params, batch, rng)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = self.lr_schedule(state.step)
     if "corrected" in batch:
       metrics["corrected_fraction"] = jnp.mean(batch["corrected"].astype(jnp.float32))

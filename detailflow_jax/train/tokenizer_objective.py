@@ -177,7 +177,7 @@ class TokenizerObjective:
         state.params, state, batch, frozen, gen_rng, use_correction, gan_active)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = self.lr_schedule(state.step)
 
     disc_params, disc_opt_state, lecam_state = (
