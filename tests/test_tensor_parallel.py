@@ -14,6 +14,9 @@ import pytest
 
 from conftest import REPO_ROOT
 
+# One worker runs every test here, so the subprocess fixture runs once (pytest.ini: loadgroup).
+pytestmark = pytest.mark.xdist_group("tensor_parallel")
+
 # Sums over 2 or 4 shards run in another order than on one device: float32 rounding only.
 LOSS_RTOL = 1e-5
 
