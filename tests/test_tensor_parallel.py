@@ -4,6 +4,7 @@ One subprocess (tests/scripts/tensor_parallel.py) trains a tiny GPT and a tiny t
 device and on a (data 2, fsdp 2, tensor 2) mesh, compiles the GPT step at 1 and 2 layers and
 samples on both; the tests below read its results.
 """
+import fcntl
 import json
 import os
 import subprocess
@@ -14,15 +15,31 @@ import pytest
 
 from conftest import REPO_ROOT
 
-# One worker runs every test here, so the subprocess fixture runs once (pytest.ini: loadgroup).
-pytestmark = pytest.mark.xdist_group("tensor_parallel")
-
 # Sums over 2 or 4 shards run in another order than on one device: float32 rounding only.
 LOSS_RTOL = 1e-5
 
 
+def run_once_across_workers(tmp_path_factory, name, compute):
+  """compute() once per pytest run: under pytest-xdist every worker that gets one of this module's
+  tests would run the fixture again (minutes each), so the first one writes its result to the
+  run's shared temporary folder and the others, waiting on a lock, read it (the pattern of
+  pytest-xdist's documentation, with fcntl instead of the filelock package)."""
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  path = shared / f"{name}.json"
+  with open(f"{path}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not path.is_file():
+      path.write_text(json.dumps(compute()))
+    return json.loads(path.read_text())
+
+
 @pytest.fixture(scope="module")
-def results():
+def results(tmp_path_factory):
+  return run_once_across_workers(tmp_path_factory, "tensor_parallel_results", run_script)
+
+
+def run_script():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT), JAX_ENABLE_COMPILATION_CACHE="0")
   out = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "scripts" / "tensor_parallel.py"),
