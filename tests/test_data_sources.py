@@ -133,6 +133,27 @@ def test_make_source_dispatch(fake_fmnist, folder):
     sources.make_source(data, "train")
 
 
+def test_a_part_of_a_split_is_its_records_renumbered(fake_fmnist):
+  data = defaults.data_config()
+  data.fashion_mnist_dir = str(fake_fmnist[0])
+  _, labels = fake_fmnist[1]["train"]
+  n = len(labels)
+  whole = sources.make_source(data, "train")
+  tail = sources.make_source(data, f"train[{n - 3}:]")
+  head = sources.make_source(data, "train[:-3]")
+  assert (len(tail), len(head), tail.num_classes) == (3, n - 3, 10)
+  for i in range(3):
+    np.testing.assert_array_equal(tail[i]["image"], whole[n - 3 + i]["image"])
+    assert tail[i]["label"] == labels[n - 3 + i]
+  assert head[n - 4]["label"] == labels[n - 4]
+  with pytest.raises(IndexError):
+    tail[3]
+  with pytest.raises(ValueError, match=r"NAME\[START:STOP\]"):
+    sources.make_source(data, "train[5]")
+  with pytest.raises(ValueError, match=r"'train\[5:5\]' selects no records"):
+    sources.make_source(data, "train[5:5]")
+
+
 def test_tfds_missing_dataset_says_how_to_prepare(tmp_path):
   with pytest.raises(ValueError) as error:
     tfds_source.TFDSSource("imagenet2012", "train", data_dir=str(tmp_path))
