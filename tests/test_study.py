@@ -187,24 +187,45 @@ def test_report_from_fake_result_files(tmp_path):
   assert not (out / "ordering_strip.png").exists()
 
 
-@pytest.mark.slow
-def test_smoke_study_end_to_end(tmp_path, fake_fmnist_dir):
-  """Every arm through the smoke pipeline, then the report with the real models: sampler speed
-  (11 steps at g = 4, 32 at g = 1), the strip, the figures (minutes on 2 cores)."""
+def run_smoke_study(workdir, fmnist_dir, *extra):
   command = [sys.executable, "-m", "detailflow_jax.main", f"--config={CONFIG}:all,smoke",
-             f"--workdir={tmp_path / 'study'}",
-             f"--config.tokenizer_run.data.fashion_mnist_dir={fake_fmnist_dir}",
-             f"--config.ar_run.data.fashion_mnist_dir={fake_fmnist_dir}"]
+             f"--workdir={workdir}",
+             f"--config.tokenizer_run.data.fashion_mnist_dir={fmnist_dir}",
+             f"--config.ar_run.data.fashion_mnist_dir={fmnist_dir}", *extra]
   out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600,
                        check=False)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  report = json.loads((tmp_path / "study" / "report" / "report.json").read_text())
+  return out
+
+
+def check_smoke_report(workdir, out, arms):
+  report = json.loads((workdir / "report" / "report.json").read_text())
   assert {k: v["steps"] for k, v in report["speed"].items()} == {"detailflow": 11, "g1": 32}
   for name in ("ordering_curves.png", "ordering_strip.png", "cfg_sweep.png"):
-    assert (tmp_path / "study" / "report" / name).is_file()
-  for i, name in enumerate(study_arms.ARM_NAMES, 1):
-    assert f"study: arm {i}/{len(study_arms.ARM_NAMES)} {name}:" in out.stdout
-  rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600,
-                         check=False)
-  assert rerun.returncode == 0
+    assert (workdir / "report" / name).is_file()
+  for i, name in enumerate(arms, 1):
+    assert f"study: arm {i}/{len(arms)} {name}:" in out.stdout
+  g1 = report["speed"]["g1"]
+  assert f"| g1 | 1 | {g1['num_tokens']} | 32 |" in (workdir / "report" / "report.md").read_text()
+
+
+def test_smoke_study_of_two_arms_runs_reports_and_resumes(tmp_path, fake_fmnist_dir):
+  """The study command at smoke size with the two arms of the group-size claim, then the report
+  with the real models (sampler steps 11 at g = 4 and 32 at g = 1, strip, figures); the same
+  command again finds both arms complete. The six-arm run is the slow test below."""
+  arms = ("detailflow", "g1")
+  flag = f"--config.study.arms={','.join(arms)}"
+  out = run_smoke_study(tmp_path / "study", fake_fmnist_dir, flag)
+  check_smoke_report(tmp_path / "study", out, arms)
+  rerun = run_smoke_study(tmp_path / "study", fake_fmnist_dir, flag)
+  assert rerun.stdout.count("complete (") == len(arms)
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end(tmp_path, fake_fmnist_dir):
+  """Every arm through the smoke pipeline, then the report, then the resume (minutes on 2
+  cores)."""
+  out = run_smoke_study(tmp_path / "study", fake_fmnist_dir)
+  check_smoke_report(tmp_path / "study", out, study_arms.ARM_NAMES)
+  rerun = run_smoke_study(tmp_path / "study", fake_fmnist_dir)
   assert rerun.stdout.count("complete (") == len(study_arms.ARM_NAMES)
