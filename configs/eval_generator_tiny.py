@@ -1,7 +1,7 @@
 """Samples of the tiny Fashion-MNIST GPT + tokenizer (default run) and their FID against the test set.
 
   python -m detailflow_jax.main --config=configs/eval_generator_tiny.py \
-      --workdir=workdirs/default/eval [--config.eval.cfg_scale=3.0]
+      --workdir=workdirs/default/eval [--config.eval.cfg_scale=2.0]
 
 10,000 samples (1,000 per class) with seed 0, compared with the 10,000 Fashion-MNIST test
 images (FID, sFID, precision, recall). Writes WORKDIR/eval_generator/<settings>/samples.npz,
@@ -19,7 +19,7 @@ def get_config(arg=None):
   c.eval.labels_per_class = 1000
   c.eval.num_samples = 0
   c.eval.seed = 0
-  c.eval.cfg_scale = 3.0          # the default run's sampling scale (configs/default.py)
+  c.eval.cfg_scale = 2.0          # the default run's sampling scale (configs/default.py)
   c.eval.batch_size = 250
   c.eval.inception_batch_size = 125  # Inception activations at 299 px: keep host memory low
   c.eval.reference = ""          # the data section's test split
