@@ -378,14 +378,14 @@ def test_eval_generator_npz_and_settings(generator_run):
     assert samples["arr_0"].std() > 0
   written = json.loads((run_dir / "metrics.json").read_text())
   s = written["sampling"]
-  assert (s["cfg_scale"], s["temperature"], s["top_k"], s["top_p"]) == (3.0, 1.0, 0, 1.0)
+  assert (s["cfg_scale"], s["temperature"], s["top_k"], s["top_p"]) == (2.0, 1.0, 0, 1.0)
   assert (s["num_samples"], s["num_tokens"], s["output_size"], s["seed"]) == (6, 32, 32, 0)
   assert s["gpt_step"] == 7 and s["gpt_use_ema"] is True and s["tokenizer_step"] == 7
   assert set(written["metrics"]) >= {"fid", "sfid", "precision", "recall", "num_images"}
   assert written["metrics"]["num_images"] == 6
   assert written["metrics"]["reference_num_images"] == 10
   assert np.isfinite(written["metrics"]["fid"]) and 0 <= written["metrics"]["precision"] <= 1
-  assert written["settings"]["config"]["eval"]["cfg_scale"] == 3.0
+  assert written["settings"]["config"]["eval"]["cfg_scale"] == 2.0
   assert pathlib.Path(written["reference"]["cache"]).is_file()
   # Classifier FD (Fashion-MNIST): the fixed judge's features of the same samples.npz.
   m = written["metrics"]
