@@ -8,7 +8,12 @@ Measures, in one run:
     compile time, median wall time over --repeats runs, images/s, analytic FLOPs per image
     (with the cache and guidance), achieved GFLOP/s and its share of the matmul rate;
   * a no-cache group sampler that re-runs the whole prefix at every step, as the official
-    generate_group_par does (same sampling code, one jitted forward per prefix length).
+    generate_group_par does (same sampling code, one jitted forward per prefix length);
+  * with --phases, where a batch's time goes: the causal phase alone (num_tokens = causal_num)
+    and the whole decode give the time of one causal step and of one group step, each set
+    beside its floor on this machine with XLA's kernels: one jitted pass of bare matmuls
+    through the model's own weight matrices (every block's wqkv, wo, w1, w3, w2, then the
+    head) at the step's row count, without attention, norms, sampling or the cache.
 
   python benchmarks/sampler.py --size B --batches 1,8,32 --repeats 5 --nocache_batches 8
 
@@ -111,6 +116,55 @@ def make_nocache_sampler(config, params, cfg_scale):
   return generate
 
 
+def make_weight_pass(params, config, rows):
+  """Returns a jitted function: `rows` rows through every weight matrix a decode step reads
+  (blocks in order, then the head), matmuls and a residual add only."""
+  blocks = [params[f"layers_{i}"] for i in range(config.num_layers)]
+  x = jax.random.normal(jax.random.PRNGKey(0), (rows, config.dim), jnp.float32)
+
+  @jax.jit
+  def weight_pass(x, blocks, head):
+    for block in blocks:
+      attn, ffn = block["attention"], block["feed_forward"]
+      x = x + 1e-3 * ((x @ attn["wqkv"]["kernel"])[:, :config.dim] @ attn["wo"]["kernel"])
+      hidden = (x @ ffn["w1"]["kernel"]) * (x @ ffn["w3"]["kernel"])
+      x = x + 1e-3 * (hidden @ ffn["w2"]["kernel"])
+    return x @ head
+
+  return lambda: weight_pass(x, blocks, params["output"]["kernel"])
+
+
+def median_time(fn, repeats):
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def phase_rows(params, config, batch, cfg_scale, repeats):
+  """(phase, steps, ms per step, floor ms per step) for the causal and the group phase."""
+  labels = jnp.arange(batch, dtype=jnp.int32) % config.num_classes
+  copies = 2 if cfg_scale != 1.0 else 1
+
+  def decode(num_tokens):
+    return lambda: sampling.generate_codes(params, config, labels, rng=jax.random.PRNGKey(0),
+                                           cfg_scale=cfg_scale, num_tokens=num_tokens)
+  causal_steps = config.causal_num
+  group_steps = (config.block_size - config.causal_num) // config.group_size
+  causal_s = median_time(decode(causal_steps), repeats)
+  whole_s = median_time(decode(config.block_size), repeats)
+  causal_floor = median_time(make_weight_pass(params, config, copies * batch), repeats)
+  group_floor = median_time(make_weight_pass(params, config, copies * batch * config.group_size),
+                            repeats)
+  return [("causal", causal_steps, 1e3 * causal_s / causal_steps, 1e3 * causal_floor),
+          ("group", group_steps, 1e3 * (whole_s - causal_s) / group_steps, 1e3 * group_floor),
+          ("whole decode", causal_steps + group_steps, 1e3 * whole_s,
+           1e3 * (causal_steps * causal_floor + group_steps * group_floor))]  # ms in all
+
+
 def timed(fn, repeats, matmul_rate):
   """Wall times of `repeats` calls, each followed by a matmul-rate measurement, so that the
   rate is taken under the same (shared, noisy) machine load as the runs."""
@@ -130,6 +184,8 @@ def main():
   parser.add_argument("--nocache_batches", default="8", help="'' to skip the no-cache sampler")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--cfg_scale", type=float, default=1.5)
+  parser.add_argument("--phases", action="store_true",
+                      help="also time the causal and group phases against their weight floor")
   args = parser.parse_args()
 
   config = gpt.gpt_model_config(args.size)
@@ -179,6 +235,20 @@ def main():
     print(f"| {name} | {batch} | {batch / median:.2f} | {median:.2f} | {len(times)} | "
           f"{flops / 1e9:.1f} | {achieved:.0f} | {rate:.0f} | {100 * achieved / rate:.0f}% | "
           f"{compile_s:.1f} |")
+
+  if args.phases:
+    weight_mb = 4 * sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(
+        [params[f"layers_{i}"] for i in range(config.num_layers)] + [params["output"]])) / 1e6
+    print(f"\nWhere a decode's time goes (floor: bare matmuls through the {weight_mb:.0f} MB of "
+          "weight matrices a step reads, at the step's rows)")
+    print("| batch | phase | steps | ms (per step; whole decode: in all) | floor ms | "
+          "time / floor |")
+    print("|---|---|---|---|---|---|")
+    for batch in [int(b) for b in args.batches.split(",") if b]:
+      for phase, steps, ms, floor_ms in phase_rows(params, config, batch, args.cfg_scale,
+                                                   args.repeats):
+        print(f"| {batch} | {phase} | {steps} | {ms:.1f} | {floor_ms:.1f} | {ms / floor_ms:.2f} |",
+              flush=True)
 
 
 def report(row):

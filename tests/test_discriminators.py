@@ -314,6 +314,44 @@ def test_patchgan_shapes_state_and_eval(tiny_patchgan):
                                      jax.random.PRNGKey(0))
 
 
+@pytest.mark.parametrize("side,cin,cout,stride", [(4, 16, 32, 1), (3, 32, 1, 1), (9, 4, 8, 2)])
+def test_small_map_conv_matches_lax_conv_and_its_gradients(side, cin, cout, stride):
+  from detailflow_jax.losses import discriminator_patchgan
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, side, side, cin))
+  w = jax.random.normal(jax.random.PRNGKey(1), (4, 4, cin, cout))
+  lax_conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision="highest")
+  taps = lambda x, w: discriminator_patchgan.small_map_conv(
+      x, w, (stride, stride), ((1, 1), (1, 1)), precision="highest")
+  np.testing.assert_allclose(taps(x, w), lax_conv(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+  for got, want in zip(jax.grad(loss(taps), (0, 1))(x, w), jax.grad(loss(lax_conv), (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="undilated, ungrouped"):
+    discriminator_patchgan.small_map_conv(x, w, (1, 1), ((1, 1), (1, 1)), rhs_dilation=(2, 2))
+
+
+def test_patchgan_small_map_layers_give_the_lax_conv_logits(monkeypatch):
+  """At a 32 px input the last two convs (4 -> 3 and 3 -> 2 px) take the tap-matmul path;
+  the logits equal those of the same params through lax's convolution everywhere."""
+  from detailflow_jax.losses import discriminator_patchgan
+  module, params, state = discriminator.make_discriminator(
+      loss_config(discriminator="patchgan", patchgan_channels=8), 32, jax.random.PRNGKey(0))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  calls = []
+  real_taps = discriminator_patchgan.small_map_conv
+  monkeypatch.setattr(discriminator_patchgan, "small_map_conv",
+                      lambda *a, **k: calls.append(a[0].shape) or real_taps(*a, **k))
+  taps_logits, _ = discriminator.discriminator_apply(module, params, state, x, train=False)
+  assert calls == [(2, 4, 4, 32), (2, 3, 3, 64)]   # conv_3 (32 -> 64 channels), to_logit
+  monkeypatch.setattr(discriminator_patchgan, "small_map_conv",
+                      lambda *a, dimension_numbers=None, **k: jax.lax.conv_general_dilated(
+                          *a, dimension_numbers=dimension_numbers, **k))
+  lax_logits, _ = discriminator.discriminator_apply(module, params, state, x, train=False)
+  np.testing.assert_allclose(taps_logits, lax_logits, rtol=1e-5, atol=1e-5)
+
+
 def discriminator_patchgan_output(size, layers):
   from detailflow_jax.losses import discriminator_patchgan
   return discriminator_patchgan.patchgan_output_size(size, layers)
