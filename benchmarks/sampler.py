@@ -126,7 +126,9 @@ def make_weight_pass(params, config, rows):
   def weight_pass(x, blocks, head):
     for block in blocks:
       attn, ffn = block["attention"], block["feed_forward"]
-      x = x + 1e-3 * ((x @ attn["wqkv"]["kernel"])[:, :config.dim] @ attn["wo"]["kernel"])
+      # q + k + v uses all of the fused projection's columns (a slice would let XLA skip some).
+      qkv = (x @ attn["wqkv"]["kernel"]).reshape(rows, 3, config.dim).sum(axis=1)
+      x = x + 1e-3 * (qkv @ attn["wo"]["kernel"])
       hidden = (x @ ffn["w1"]["kernel"]) * (x @ ffn["w3"]["kernel"])
       x = x + 1e-3 * (hidden @ ffn["w2"]["kernel"])
     return x @ head
