@@ -24,6 +24,9 @@ after every row, under the same load, and each row reports its share of it.
   python benchmarks/train_step.py --gpt B --tokenizer tiny --repeats 5 \\
       --official /path/to/DetailFlow --torch_python /path/to/torch/venv/bin/python
 
+--cpu_devices 2 runs our rows as the tiny configs run them (host_devices.py: two CPU devices,
+half of each batch on each); the default 1 is JAX's single CPU device.
+
 Time on an otherwise idle machine: runs on a shared one differ by up to 30%.
 """
 import argparse
@@ -41,6 +44,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from detailflow_jax import host_devices  # pylint: disable=wrong-import-position
 from detailflow_jax.config import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from detailflow_jax.train import ar_trainer  # pylint: disable=wrong-import-position
 from detailflow_jax.train import sharding  # pylint: disable=wrong-import-position
@@ -53,12 +57,13 @@ PYTORCH_ROWS = pathlib.Path(__file__).resolve().parent / "pytorch_rows.py"
 
 
 def flops_of(compiled):
-  """FLOPs of a compiled executable by XLA's cost analysis (None when it gives none)."""
+  """FLOPs of a compiled executable by XLA's cost analysis (None when it gives none), over all
+  devices: the analysis counts one device's share of a program split over the mesh."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
   flops = (analysis or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
+  return float(flops) * len(jax.devices()) if flops and flops > 0 else None
 
 
 def time_calls(fn, warmup, repeats):
@@ -293,6 +298,9 @@ def main():
   parser.add_argument("--correction", default="on", choices=["on", "off", "both"],
                       help="tokenizer steps with a self-correction position, without, or both")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--cpu_devices", type=int, default=1,
+                      help="JAX devices the CPU is split into for our rows, each step's batch "
+                           "split over them (host_devices.py; the tiny configs use 2)")
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--official", default="", help="path of the official DetailFlow code")
   parser.add_argument("--torch_python", default=sys.executable,
@@ -302,6 +310,7 @@ def main():
   parser.add_argument("--torch_compile_warmup", type=int, default=10,
                       help="warm-up steps of the official tokenizer under torch.compile")
   args = parser.parse_args()
+  host_devices.configure(args.cpu_devices)
 
   torch_version = None
   if args.official:

@@ -47,6 +47,10 @@ def get_config(arg=None):
   stage_arg = "smoke" if arg == "smoke" else None
   c.tokenizer_run = tokenizer_tiny.get_config(stage_arg)
   c.ar_run = ar_tiny.get_config(stage_arg)
+  # The CPU device count is the process's, read from the top level (main.py): the stages'
+  # own copies would be ignored, so they are removed.
+  c.cpu_devices = c.tokenizer_run.cpu_devices
+  del c.tokenizer_run["cpu_devices"], c.ar_run["cpu_devices"]
   c.tokenizer_eval = ml_collections.ConfigDict(dict(num_images=1000, batch_size=250,
                                                     split="test", use_ema=False, judge_epochs=3))
   c.sample = sample_config()

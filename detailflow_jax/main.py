@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from detailflow_jax import compilation_cache
 from detailflow_jax.config import files
 from detailflow_jax import distributed
+from detailflow_jax import host_devices
 from detailflow_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).")
@@ -105,9 +106,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_console()
+  config = _CONFIG.value
+  # Before anything starts JAX's backends: the CPU client's device count is fixed at its start.
+  host_devices.configure(config.get("cpu_devices", 1))
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value)
-  config = _CONFIG.value
   job = resolve_job(config.job)
   compilation_cache.enable()
   log_to_file(_WORKDIR.value, config.job)
