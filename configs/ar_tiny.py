@@ -6,11 +6,11 @@ One config serves both jobs of the default run:
   --config=configs/ar_tiny.py --config.job=extract_codes --workdir=workdirs/default/codes
   --config=configs/ar_tiny.py --workdir=workdirs/default/ar
 Sized for the default run's CPU budget (the whole pipeline in under 20 minutes on two cores):
-4 layers x 192 wide (2.2M parameters, 27 GFLOP per step of 64 sequences, about 2.3 steps/s),
-800 steps at lr 3e-3 over the codes of the first 30,000 training images (about 1.7 passes, a
-random clean or self-corrected sequence each time). Measured on one tokenizer (docs/recipe.md):
-500 steps at lr 1e-3 put 0.62 of 1,000 samples in their class at CFG 2.0, 500 at 3e-3 0.71,
-800 at 3e-3 0.84.
+4 layers x 192 wide (2.2M parameters, 27 GFLOP per step of 64 sequences, about 3.6 steps/s as
+two CPU devices), 1,100 steps at lr 3e-3 over the codes of the first 30,000 training images
+(about 2.3 passes, a random clean or self-corrected sequence each time). Measured on one
+tokenizer (docs/recipe.md): 500 steps at lr 1e-3 put 0.62 of 1,000 samples in their class at
+CFG 2.0, 500 at 3e-3 0.71, 800 at 3e-3 0.84; the two CPU devices' speed bought the last 300.
 get_config("smoke") is a seconds-long variant for tests.
 """
 from detailflow_jax.config import defaults
@@ -56,7 +56,7 @@ def get_config(arg=None):
   c.extract.max_images = 30_000       # CPU budget: half the train split (~85 s to encode)
 
   c.optim.learning_rate = 3e-3
-  c.train.num_steps = 800
+  c.train.num_steps = 1100
   c.train.ema_decay = 0.995            # a window of ~200 steps, suited to a short run
   c.train.log_every = 50
   c.train.checkpoint_every = 200
