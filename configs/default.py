@@ -7,9 +7,10 @@ Override a stage's settings with e.g. --config.tokenizer_run.train.num_steps=500
 
 get_config("long") (`--config=configs/default.py:long`) is the same pipeline for a user with an
 hour to spare on a CPU or minutes on one accelerator: the default's measured architecture
-trained ~4x longer (tokenizer 5,000 steps), a 6-layer GPT trained 2,500 steps on the codes of
+trained ~4x longer (tokenizer 7,000 steps), a 6-layer GPT trained 4,000 steps on the codes of
 all 60,000 training images, and the tokenizer checked on 10,000 test images. Sized from the
-default run's measured step rates for about 65 minutes on two cores (docs/recipe.md).
+default run's measured step rates (two CPU devices) for about 60 minutes on two cores
+(docs/recipe.md).
 """
 import pathlib
 import sys
@@ -70,14 +71,14 @@ def get_config(arg=None):
 def long_run(c):
   """configs/default.py:long (see the module docstring)."""
   tok = c.tokenizer_run
-  tok.train.num_steps = 5000
+  tok.train.num_steps = 7000
   tok.train.checkpoint_every = 500
   tok.train.image_every = 1000
   tok.loss.lpips_warmup_steps = tok.train.num_steps // 5
   tok.loss.gan_start_step = 2 * tok.train.num_steps // 3
   ar = c.ar_run
   ar.gpt.num_layers = 6
-  ar.train.num_steps = 2500
+  ar.train.num_steps = 4000
   ar.train.ema_decay = 0.998
   ar.train.checkpoint_every = 500
   ar.extract.max_images = 0        # all 60,000 training images
