@@ -37,6 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from detailflow_jax import host_memory  # pylint: disable=wrong-import-position
 from detailflow_jax.eval import inception  # pylint: disable=wrong-import-position
 from detailflow_jax.eval import inception_weights  # pylint: disable=wrong-import-position
 
@@ -75,6 +76,9 @@ def torchscript_file(path, tmp):
 
 
 def main():
+  # As the jobs run (main.py): the host heap in huge pages; DETAILFLOW_HOST_HUGEPAGES=0 for the
+  # 4 KiB pages. The PyTorch rows' subprocess inherits the same setting.
+  host_memory.restart_with_hugepages()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)

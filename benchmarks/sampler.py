@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detailflow_jax import host_memory
 from detailflow_jax import sampling
 from detailflow_jax.models import gpt
 
@@ -180,6 +181,9 @@ def timed(fn, repeats, matmul_rate):
 
 
 def main():
+  # As the jobs run (main.py): the host heap in huge pages; DETAILFLOW_HOST_HUGEPAGES=0 for the
+  # 4 KiB pages. The PyTorch rows' subprocess inherits the same setting.
+  host_memory.restart_with_hugepages()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", default="B", help="GPT size: B, L, XL or XXL")
   parser.add_argument("--batches", default="1,8,32")

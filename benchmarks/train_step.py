@@ -45,6 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from detailflow_jax import host_devices  # pylint: disable=wrong-import-position
+from detailflow_jax import host_memory  # pylint: disable=wrong-import-position
 from detailflow_jax.config import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from detailflow_jax.train import ar_trainer  # pylint: disable=wrong-import-position
 from detailflow_jax.train import sharding  # pylint: disable=wrong-import-position
@@ -287,6 +288,9 @@ class Table:
 
 
 def main():
+  # As the jobs run (main.py): the host heap in huge pages; DETAILFLOW_HOST_HUGEPAGES=0 for the
+  # 4 KiB pages. The PyTorch rows' subprocess inherits the same setting.
+  host_memory.restart_with_hugepages()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--gpt", default="B", help="GPT sizes, e.g. B or B,L ('' to skip)")
   parser.add_argument("--gpt_batch", type=int, default=8)

@@ -53,10 +53,10 @@ def get_config(arg=None):
   c.extract.shard_size = 10_000
   c.extract.batch_size = 256
   c.extract.flips = False             # CPU budget: one view per image
-  c.extract.max_images = 30_000       # CPU budget: half the train split (~85 s to encode)
+  c.extract.max_images = 0            # all 60,000 training images
 
   c.optim.learning_rate = 3e-3
-  c.train.num_steps = 1100
+  c.train.num_steps = 2400
   c.train.ema_decay = 0.995            # a window of ~200 steps, suited to a short run
   c.train.log_every = 50
   c.train.checkpoint_every = 200

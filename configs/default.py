@@ -71,14 +71,14 @@ def get_config(arg=None):
 def long_run(c):
   """configs/default.py:long (see the module docstring)."""
   tok = c.tokenizer_run
-  tok.train.num_steps = 7000
+  tok.train.num_steps = 12_000
   tok.train.checkpoint_every = 500
   tok.train.image_every = 1000
   tok.loss.lpips_warmup_steps = tok.train.num_steps // 5
   tok.loss.gan_start_step = 2 * tok.train.num_steps // 3
   ar = c.ar_run
   ar.gpt.num_layers = 6
-  ar.train.num_steps = 4000
+  ar.train.num_steps = 8000
   ar.train.ema_decay = 0.998
   ar.train.checkpoint_every = 500
   ar.extract.max_images = 0        # all 60,000 training images

@@ -59,13 +59,13 @@ def get_config(arg=None):
 
   # 7 minutes on two cores as two CPU devices, compilation included (1,300 steps before the
   # split into two devices bought the time).
-  c.train.num_steps = 1600
+  c.train.num_steps = 3600
   c.train.compute_dtype = "float32"
   c.train.log_every = 50
   c.train.checkpoint_every = 200
   c.train.image_every = 400
-  c.loss.lpips_warmup_steps = 320
-  c.loss.gan_start_step = 1070
+  c.loss.lpips_warmup_steps = 720
+  c.loss.gan_start_step = 2400
 
   c.optim.learning_rate = 4e-3  # +1.2 dB over 2e-3 at 600 steps; 6e-3 no better, 8e-3 stalls
   c.code_reset.every = 10  # a from-scratch encoder collapses the codebook (train/code_reset.py)

@@ -20,6 +20,7 @@ from detailflow_jax import compilation_cache
 from detailflow_jax.config import files
 from detailflow_jax import distributed
 from detailflow_jax import host_devices
+from detailflow_jax import host_memory
 from detailflow_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).")
@@ -128,6 +129,8 @@ def main(argv):
 
 
 def run():
+  # First: glibc reads its tunables only when a process starts (host_memory.py).
+  host_memory.restart_with_hugepages()
   try:
     files.check_overrides(sys.argv)
   except ValueError as error:

@@ -39,7 +39,7 @@ def test_config_args():
   assert load("all,smoke").study.arms == ",".join(study_arms.ARM_NAMES)
   single = load("g1,long")
   assert (single.study.arms, single.study.report) == ("g1", False)
-  assert single.tokenizer_run.train.num_steps == 7000      # configs/default.py:long
+  assert single.tokenizer_run.train.num_steps == 12_000    # configs/default.py:long
   assert load("report").study.arms == "" and load("report").study.report
   assert files.load_config_file(CONFIG).study.report      # no arg: every arm, then the report
   for bad in ("g2", "g1,short"):
