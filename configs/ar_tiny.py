@@ -6,11 +6,12 @@ One config serves both jobs of the default run:
   --config=configs/ar_tiny.py --config.job=extract_codes --workdir=workdirs/default/codes
   --config=configs/ar_tiny.py --workdir=workdirs/default/ar
 Sized for the default run's CPU budget (the whole pipeline in under 20 minutes on two cores):
-4 layers x 192 wide (2.2M parameters, 27 GFLOP per step of 64 sequences, about 3.6 steps/s as
-two CPU devices), 1,100 steps at lr 3e-3 over the codes of the first 30,000 training images
-(about 2.3 passes, a random clean or self-corrected sequence each time). Measured on one
-tokenizer (docs/recipe.md): 500 steps at lr 1e-3 put 0.62 of 1,000 samples in their class at
-CFG 2.0, 500 at 3e-3 0.71, 800 at 3e-3 0.84; the two CPU devices' speed bought the last 300.
+4 layers x 192 wide (2.2M parameters, 27 GFLOP per step of 64 sequences, about 6.5 steps/s as
+two CPU devices with the heap in huge pages), 2,400 steps at lr 3e-3 over the codes of all
+60,000 training images (about 2.6 passes, a random clean or self-corrected sequence each time).
+Measured on one tokenizer (docs/recipe.md): 500 steps at lr 1e-3 put 0.62 of 1,000 samples in
+their class at CFG 2.0, 500 at 3e-3 0.71, 800 at 3e-3 0.84; the two CPU devices' speed bought
+300 more steps, and the huge pages (host_memory.py) 1,300 more and the other 30,000 images.
 get_config("smoke") is a seconds-long variant for tests.
 """
 from detailflow_jax.config import defaults
@@ -53,7 +54,7 @@ def get_config(arg=None):
   c.extract.shard_size = 10_000
   c.extract.batch_size = 256
   c.extract.flips = False             # CPU budget: one view per image
-  c.extract.max_images = 0            # all 60,000 training images
+  c.extract.max_images = 0            # all 60,000 training images (~60 s to encode)
 
   c.optim.learning_rate = 3e-3
   c.train.num_steps = 2400

@@ -57,8 +57,8 @@ def get_config(arg=None):
   c.loss.lpips_weight = 0.0
   c.loss.gan_weight = 0.0
 
-  # 7 minutes on two cores as two CPU devices, compilation included (1,300 steps before the
-  # split into two devices bought the time).
+  # About 7.5 minutes on two cores, compilation included: two CPU devices (1.3x) and the heap in
+  # huge pages (host_memory.py, 1.4x) bought the steps (1,300 before either; docs/recipe.md).
   c.train.num_steps = 3600
   c.train.compute_dtype = "float32"
   c.train.log_every = 50
