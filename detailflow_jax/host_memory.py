@@ -9,7 +9,8 @@ malloc asks, the same memory comes back in 2 MiB pages, and the tiny tokenizer t
 faster with the same numbers (docs/performance.md).
 
 The tunable is read once, when the process starts, so `main.py` restarts itself with it
-(`os.execv`: same process id, same arguments) before it does anything else. Nothing happens
+(`os.execv`: same process id, same arguments) before it parses its flags or starts JAX's
+backends (importing the package first costs about a second). Nothing happens
 where it would not help: not glibc or glibc < 2.35 (no such tunable), huge pages `always` (every
 heap already has them) or `never`, a GLIBC_TUNABLES that already says glibc.malloc.hugetlb (the
 user's choice stands), or DETAILFLOW_HOST_HUGEPAGES=0 in the environment (the switch to turn it
@@ -62,7 +63,7 @@ def tunables_with_hugepages(environ, thp_mode, libc_version):
 def restart_with_hugepages():
   """Re-executes this process with the tunable set when it would help; returns otherwise.
 
-  Call first thing in an entry point, before threads, files or JAX: exec replaces the process.
+  Call first thing in an entry point, before JAX starts its backends: exec replaces the process.
   """
   tunables = tunables_with_hugepages(os.environ, transparent_hugepage_mode(), glibc_version())
   if tunables is None:
