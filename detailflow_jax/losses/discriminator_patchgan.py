@@ -10,10 +10,8 @@ because DetailFlow's reconstructions come at many sizes down to 16 px, where the
 default 3-layer net would leave no pixels; the DINO discriminator does the same at 224.
 
 A convolution whose output map is smaller than its kernel (the last two convs at a 32 px input:
-4 -> 3 and 3 -> 2 pixels) runs as one matmul over its kernel taps (`small_map_conv`), the
-same products in another order: XLA:CPU's input gradient of such a conv takes a slow path
-(the 4x4 stride-1 conv 256 -> 512 channels on a 4x4 map at batch 32: 558 ms forward and
-backward, 17 ms as one matmul), which made the tiny tokenizer's step with the GAN 4.43 s
+4 -> 3 and 3 -> 2 pixels) runs as one matmul over its kernel taps (small_map_conv.py): XLA:CPU's
+slow path for such a conv's input gradient made the tiny tokenizer's step with the GAN 4.43 s
 against 0.21 s without it; 0.39 s now.
 """
 import flax.linen as nn
@@ -21,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from detailflow_jax.losses import image_resize
+from detailflow_jax.losses.small_map_conv import small_map_conv
 
 
 def _bn_scale_init(key, shape, dtype=jnp.float32):
@@ -33,29 +32,6 @@ def patchgan_output_size(input_size, num_layers):
   for _ in range(num_layers):
     size = (size + 2 - 4) // 2 + 1
   return size - 2
-
-
-def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                   dimension_numbers=None, feature_group_count=1, precision=None,
-                   **unused_kwargs):
-  """lax.conv_general_dilated for NHWC inputs and HWIO kernels, as one matmul over the taps.
-
-  Takes the arguments flax's nn.Conv passes; only undilated, ungrouped convolutions."""
-  del dimension_numbers  # nn.Conv's default layout: NHWC inputs, HWIO kernels
-  if any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())) or (
-      feature_group_count != 1):
-    raise ValueError("small_map_conv supports only undilated, ungrouped convolutions")
-  (top, bottom), (left, right) = padding
-  x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  kh, kw, cin, cout = rhs.shape
-  sh, sw = window_strides
-  oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-  # (B, oh, ow, kh * kw, cin): every tap's strided window, then one matmul over (tap, channel),
-  # so the kernel gradient is one matmul as well (not one padded piece per tap).
-  taps = jnp.stack([x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
-                    for i in range(kh) for j in range(kw)], axis=3)
-  return jnp.matmul(taps.reshape(taps.shape[:3] + (kh * kw * cin,)),
-                    rhs.reshape(kh * kw * cin, cout), precision=precision)
 
 
 class PatchGANDiscriminator(nn.Module):
