@@ -157,8 +157,8 @@ def test_eval_tokenizer_writes_every_n(tokenizer_run):
   schedule = detail.resolution_schedule(tok_config.tokenizer)
   assert list(written["per_n"]) == [str(n) for n in schedule.token_list]
   assert set(written["summary"]) == {
-      "num_tokens", "num_images", "rfid", "psnr", "ssim", "lpips", "ssim_official_protocol",
-      "codebook_usage", "perplexity", "classifier_accuracy", "classifier_fd",
+      "num_tokens", "num_images", "rfid", "rprecision", "rrecall", "psnr", "ssim", "lpips",
+      "ssim_official_protocol", "codebook_usage", "perplexity", "classifier_accuracy", "classifier_fd",
       "classifier_real_accuracy", "classifier_real_fd"}
   for key, entry in written["per_n"].items():
     n = int(key)
@@ -167,6 +167,9 @@ def test_eval_tokenizer_writes_every_n(tokenizer_run):
     assert entry["content_resolution"] == schedule.content_resolution(n)
     for name in ("psnr_full", "psnr_degraded", "rfid"):
       assert np.isfinite(entry[name]), (n, name)
+    # Fractions of the 6 reconstructions (precision) and of the 6 real images (recall).
+    for name in ("rprecision", "rrecall"):
+      assert 0 <= entry[name] <= 1 and entry[name] * 6 == pytest.approx(round(entry[name] * 6))
     for name in ("ssim_full", "ssim_degraded"):
       assert -1.0 <= entry[name] <= 1.0, (n, name)
     assert 0 < entry["codebook_usage"] <= 1
@@ -268,6 +271,7 @@ def test_eval_tokenizer_reference_cache_is_eval_generators(tmp_path, tokenizer_w
     second = eval_tokenizer.evaluate_tokenizer(config, str(tmp_path / "b"))
   assert sum(calls) == 10  # the reconstructions only (n = 32), not the real images again
   assert second["summary"]["rfid"] == first["summary"]["rfid"]
+  assert second["summary"]["rrecall"] == first["summary"]["rrecall"] is not None
   assert second["settings"]["reference_cache"] == config.eval.reference_cache
 
   config.eval.num_images = 5
@@ -315,6 +319,7 @@ def test_evaluate_prefixes_for_the_pipeline(tmp_path, tokenizer_workdir, fashion
   payload = eval_tokenizer.evaluate_prefixes(str(tok_dir), str(tmp_path / "out"), overrides, data)
   assert (tmp_path / "out" / "metrics.json").is_file() and (tmp_path / "out" / "curve.png").is_file()
   assert payload["summary"]["rfid"] is None and payload["summary"]["lpips"] is None
+  assert payload["summary"]["rrecall"] is None
   assert payload["summary"]["num_images"] == 4
   assert all(np.isfinite(e["psnr_degraded"]) for e in payload["per_n"].values())
   assert all(0 <= e["classifier_accuracy"] <= 1 for e in payload["per_n"].values())

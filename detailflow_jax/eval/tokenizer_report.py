@@ -9,7 +9,7 @@ TABLE_COLUMNS = (  # (header, per-n key, format)
     ("n", "n", "d"), ("R(n)", "content_resolution", "d"), ("d(n)", "decoder_size", "d"),
     ("PSNR full", "psnr_full", ".2f"), ("PSNR R(n)", "psnr_degraded", ".2f"),
     ("SSIM full", "ssim_full", ".4f"), ("LPIPS", "lpips_full", ".4f"), ("rFID", "rfid", ".2f"),
-    ("usage", "codebook_usage", ".3f"), ("cls acc", "classifier_accuracy", ".4f"),
+    ("rRecall", "rrecall", ".3f"), ("usage", "codebook_usage", ".3f"), ("cls acc", "classifier_accuracy", ".4f"),
     ("cls FD", "classifier_fd", ".3f"))
 
 

@@ -6,7 +6,9 @@ decoded at the decoder's side d(n) and compared two ways:
     the first n tokens to reproduce): psnr_degraded, ssim_degraded;
   - against the full image, the decoded output resized to the full side with the same
     area/bicubic resize (what a viewer of a coarse decode sees): psnr_full, ssim_full,
-    lpips_full and rFID (FID of those images against the real ones).
+    lpips_full and rFID (FID of those images against the real ones), with rprecision / rrecall:
+    improved precision and recall of the same Inception features (k = 3), the recall a
+    generator decoding through this tokenizer can hope to approach.
 Codebook usage and perplexity of the codes at positions < n over the whole split complete the
 per-n entry. The summary is the full prefix (n = N).
 
@@ -53,6 +55,7 @@ from detailflow_jax.data import pipeline
 from detailflow_jax.eval import classifier_fd
 from detailflow_jax.eval import fid as fid_lib
 from detailflow_jax.eval import inputs
+from detailflow_jax.eval import precision_recall as pr_lib
 from detailflow_jax.eval import recon_metrics
 from detailflow_jax.eval import reference as reference_lib
 from detailflow_jax.eval import tokenizer_report
@@ -63,6 +66,7 @@ from detailflow_jax.train import metrics_writer
 OUTPUT_DIR = "eval_tokenizer"
 SSIM_WINDOW = 11  # Gaussian window side of the default SSIM
 OFFICIAL_SSIM = dict(data_range=2.0, window="uniform", use_sample_covariance=True)
+PR_NEIGHBOURS = 3  # k of the k-NN manifolds, as eval_generator's precision / recall (ADM)
 
 
 def eval_token_counts(eval_cfg, schedule, n_max=None):
@@ -219,7 +223,7 @@ def _classifier_fd(judge, acc):
 
 # Figures of each n drawn as TensorBoard curves over n; content_resolution draws R(n).
 TENSORBOARD_PER_N = ("psnr_full", "psnr_degraded", "ssim_full", "ssim_degraded", "lpips_full",
-                     "rfid", "codebook_usage", "perplexity", "classifier_accuracy",
+                     "rfid", "rprecision", "rrecall", "codebook_usage", "perplexity", "classifier_accuracy",
                      "classifier_fd", "content_resolution")
 # Real-image figures (the ceiling), repeated at every n so they draw as a flat line beside the
 # curve of the same name; ssim_official_protocol is of n = N only.
@@ -348,35 +352,42 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
   if num_images == 0:
     raise ValueError(f"split {e.split!r} gave no images")
 
-  real_stats = None
+  real_stats = real_pool_features = None
   if cached_real is not None:
-    real_stats = cached_real.pool
+    real_stats, real_pool_features = cached_real.pool, cached_real.pool_features
   elif real_features:
     real = reference_lib.reference_from_features(fid_lib.InceptionFeatures(
         np.concatenate([f.pool for f in real_features]),
         np.concatenate([f.spatial for f in real_features])))
-    real_stats = real.pool
+    real_stats, real_pool_features = real.pool, real.pool_features
     if e.reference_cache:
       reference_lib.save_reference(e.reference_cache, real)
   per_n = {}
   for n in counts:
     acc = accs[n]
     usage, perplexity = codebook_statistics(acc.code_counts)
-    rfid = None
+    rfid = rprecision = rrecall = None
     if acc.features:
-      fake = fid_lib.statistics(np.concatenate([f.pool for f in acc.features]))
-      rfid = fid_lib.fid(fake, real_stats, e.fid_method)
+      fake_pool = np.concatenate([f.pool for f in acc.features])
+      rfid = fid_lib.fid(fid_lib.statistics(fake_pool), real_stats, e.fid_method)
+      if real_pool_features is not None and len(fake_pool) > PR_NEIGHBOURS:
+        # The Inception manifolds of reconstructions and real images (as eval_generator's
+        # samples): the recall a generator decoding through this tokenizer can approach.
+        rprecision, rrecall = pr_lib.precision_recall(real_pool_features, fake_pool,
+                                                      PR_NEIGHBOURS)
     per_n[str(n)] = dict(
         n=n, content_resolution=schedule.content_resolution(n),
         decoder_size=side if n == n_max else schedule.decoder_size(n), num_images=num_images,
         psnr_degraded=acc.mean("psnr_degraded"), ssim_degraded=acc.mean("ssim_degraded"),
         psnr_full=acc.mean("psnr_full"), ssim_full=acc.mean("ssim_full"),
-        lpips_full=acc.mean("lpips_full"), rfid=rfid, codebook_usage=usage,
+        lpips_full=acc.mean("lpips_full"), rfid=rfid, rprecision=rprecision, rrecall=rrecall,
+        codebook_usage=usage,
         perplexity=perplexity, classifier_accuracy=acc.mean("classifier_hits"),
         classifier_fd=_classifier_fd(judge, acc))
   full = per_n[str(n_max)]
   summary = dict(
       num_tokens=n_max, num_images=num_images, rfid=full["rfid"],
+      rprecision=full["rprecision"], rrecall=full["rrecall"],
       psnr=full["psnr_full"], ssim=full["ssim_full"], lpips=full["lpips_full"],
       ssim_official_protocol=(float(np.mean(np.concatenate(official_ssim)))
                               if official_ssim else None),
@@ -400,6 +411,8 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
           degraded_target="area to R(n), bicubic to d(n), clipped to [0, 1]",
           full_size="decoder output resized to image_size (area/bicubic as data.degrade)",
           rfid="FID of full-size uint8 reconstructions vs the uint8 real images",
+          rprecision_rrecall="improved precision / recall (k=3, Inception pool_3) of those "
+                             "reconstructions vs the real images, as eval_generator's",
           classifier="fixed judge on the full-size decode, uint8 round((x+1)*127.5) as the "
                      "sampler; accuracy vs true labels; FD of its 128-d features vs the test "
                      "split; classifier_real_*: the same on the real images (ceiling)"),
