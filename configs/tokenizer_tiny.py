@@ -2,9 +2,10 @@
 
 32 tokens in groups of 4 (first 4 token-causal); R(n) from 1 px to 32 px with alpha 1.5.
 The recipe (width, depths, learning rate, codebook) was chosen by measurement: docs/recipe.md.
-Trained with MSE + VQ/commitment + self-correction (LPIPS and the GAN are off for the CPU
-budget, see below; when switched on, their schedules are scaled to the short run: LPIPS warm-up
-and GAN start are fractions of num_steps, and the discriminator is the from-scratch PatchGAN).
+Trained with MSE + VQ/commitment + self-correction (LPIPS and the GAN are off: measured not to
+pay within the CPU budget, see below; when switched on, their schedules are scaled to the short
+run: LPIPS warm-up and GAN start are fractions of num_steps, and the discriminator is the
+from-scratch PatchGAN).
 No pretrained files needed: no SigLIP2 alignment (it needs the user's SigLIP2 weights; see
 configs/tokenizer_128.py). Without SigLIP2's encoder init the codebook collapses within the first
 hundred steps, so this config turns on dead-code restarts (code_reset, not in the paper).
@@ -47,9 +48,10 @@ def get_config(arg=None):
   c.loss.discriminator = "patchgan"
   c.loss.align_weight = 0.0
   c.loss.init_encoder_from_siglip = False
-  # CPU budget (7 minutes on 2 cores): LPIPS-VGG costs ~160 GFLOP per step at batch 32
-  # (64 decodes with self-correction) at 32x32, seconds per step. The from-scratch PatchGAN
-  # (weight 0.1 from step 650) was measured on held-out images: no gain in PSNR or the judge,
+  # CPU budget (7 minutes on 2 cores): LPIPS-VGG makes a step 2.8-3.5x dearer (0.50 / 0.24 s
+  # with and without self-correction, docs/performance.md), and 1,400 LPIPS steps in the time of
+  # 3,600 plain ones lost on PSNR, the judge, rFID and recall (docs/recipe.md). The
+  # from-scratch PatchGAN (weight 0.1 from step 650) was measured on held-out images: no gain in PSNR or the judge,
   # rFID 9 points worse, 1.9x the step time and 2.4x the compile time (docs/recipe.md). The
   # tiny run therefore trains with MSE + VQ/commitment + self-correction; the paper configs
   # keep LPIPS (1.0) and the DINO GAN (0.2 from step 40k). Enable them here with
