@@ -51,9 +51,10 @@ def get_config(arg=None):
   # CPU budget (7 minutes on 2 cores): LPIPS-VGG makes a step 2.8-3.5x dearer (0.50 / 0.24 s
   # with and without self-correction, docs/performance.md), and 1,400 LPIPS steps in the time of
   # 3,600 plain ones lost on PSNR, the judge, rFID and recall (docs/recipe.md). The
-  # from-scratch PatchGAN (weight 0.1 from step 650) was measured on held-out images: no gain in PSNR or the judge,
-  # rFID 9 points worse, 1.9x the step time and 2.4x the compile time (docs/recipe.md). The
-  # tiny run therefore trains with MSE + VQ/commitment + self-correction; the paper configs
+  # from-scratch PatchGAN (weight 0.1 from step 650) was measured on held-out images: no gain
+  # in PSNR or the judge, rFID 9 points worse, 1.9x the step time and 2.4x the compile time
+  # (docs/recipe.md). The tiny run therefore trains with MSE + VQ/commitment +
+  # self-correction; the paper configs
   # keep LPIPS (1.0) and the DINO GAN (0.2 from step 40k). Enable them here with
   # --config.loss.lpips_weight=0.1 --config.loss.gan_weight=0.1 (and the PatchGAN below).
   c.loss.lpips_weight = 0.0

@@ -158,8 +158,8 @@ def test_eval_tokenizer_writes_every_n(tokenizer_run):
   assert list(written["per_n"]) == [str(n) for n in schedule.token_list]
   assert set(written["summary"]) == {
       "num_tokens", "num_images", "rfid", "rprecision", "rrecall", "psnr", "ssim", "lpips",
-      "ssim_official_protocol", "codebook_usage", "perplexity", "classifier_accuracy", "classifier_fd",
-      "classifier_real_accuracy", "classifier_real_fd"}
+      "ssim_official_protocol", "codebook_usage", "perplexity", "classifier_accuracy",
+      "classifier_fd", "classifier_real_accuracy", "classifier_real_fd"}
   for key, entry in written["per_n"].items():
     n = int(key)
     assert entry["num_images"] == 6

