@@ -7,8 +7,8 @@ FOLDER is in the image-folder layout, FOLDER/train/<class>/* and FOLDER/test/<cl
 (`python -m detailflow_jax.data.crop_folder` cuts one from a few large pictures; the runs in
 docs/tokenizer.md used 72 pictures from four Debian wallpaper packages). The architecture is the
 Fashion-MNIST recipe (configs/tokenizer_tiny.py) scaled to the larger picture with the same cost
-per token: 8-pixel patches, so the decoder again routes its latents onto 64 patches, and twice the tokens
-(64 in groups of 4), because a 64x64 colour picture holds more than a 32x32 grey one.
+per token: 8-pixel patches, so the decoder again routes its latents onto 64 patches, and twice
+the tokens (64 in groups of 4), because a 64x64 colour picture holds more than a 32x32 grey one.
 """
 import pathlib
 import sys
