@@ -21,6 +21,7 @@ Weights are random (the head too, so sampling sees non-uniform logits); speed do
 on their values.
 """
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -190,19 +191,23 @@ def main():
   parser.add_argument("--nocache_batches", default="8", help="'' to skip the no-cache sampler")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--cfg_scale", type=float, default=1.5)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute dtype; bfloat16 also stores the weight matrices in bfloat16")
   parser.add_argument("--phases", action="store_true",
                       help="also time the causal and group phases against their weight floor")
   args = parser.parse_args()
 
-  config = gpt.gpt_model_config(args.size)
+  config = dataclasses.replace(gpt.gpt_model_config(args.size), dtype=args.dtype)
   params = gpt.init_params(config, jax.random.PRNGKey(0))
   params["output"]["kernel"] = 0.02 * jax.random.normal(
       jax.random.PRNGKey(1), params["output"]["kernel"].shape)
+  if args.dtype == "bfloat16":   # half the bytes each step reads (norm scales stay float32)
+    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16) if w.ndim >= 2 else w, params)
   n = config.block_size
   print(f"devices: {jax.devices()}")
   print(f"GPT-{args.size}: {config.num_layers}x{config.dim}x{config.num_heads}, vocab "
         f"{config.vocab_size}, {n} tokens, g={config.group_size}, causal {config.causal_num}, "
-        f"cfg {args.cfg_scale}, float32; {len(nocache_lengths(config, n))} steps")
+        f"cfg {args.cfg_scale}, {args.dtype}; {len(nocache_lengths(config, n))} steps")
   flops_cached = cached_flops_per_image(config, n)
   flops_nocache = nocache_flops_per_image(config, n)
   print(f"FLOPs per image: {flops_cached / 1e9:.1f} G with the KV cache, "
