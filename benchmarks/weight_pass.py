@@ -85,7 +85,7 @@ def chunked(chunks, x, w):
   return jnp.einsum("cbk,ckn->bn", xs, w.reshape(chunks, k // chunks, n))
 
 
-def make_split_pass(mesh, dim):
+def make_split_pass(mesh):
   """The pass with every matrix split over the mesh's two devices (Megatron layout)."""
   def local(x, blocks):
     for wqkv, wo, w1, w3, w2 in blocks:
@@ -98,7 +98,6 @@ def make_split_pass(mesh, dim):
     return x
   column, row = P(None, "model"), P("model", None)
   specs = [(column, row, column, column, row)]
-  del dim
   return jax.jit(lambda x, blocks: jax.shard_map(
       local, mesh=mesh, in_specs=(P(), specs * len(blocks)), out_specs=P(),
       check_vma=False)(x, blocks)), specs[0]
@@ -136,7 +135,7 @@ def main():
   bf16_blocks = jax.tree.map(lambda w: w.astype(jnp.bfloat16), blocks)
   fused_blocks = [(q, o, jnp.concatenate([w1, w3], axis=1), w2) for q, o, w1, w3, w2 in blocks]
   mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
-  split_pass, split_specs = make_split_pass(mesh, config.dim)
+  split_pass, split_specs = make_split_pass(mesh)
   split_blocks = [tuple(jax.device_put(w, NamedSharding(mesh, s)) for w, s in zip(b, split_specs))
                   for b in blocks]
 
