@@ -21,7 +21,8 @@ rows by all the blocks' w1 matrices side by side.
 """
 import argparse
 import functools
-import time
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from detailflow_jax import host_devices
 from detailflow_jax import host_memory
 from detailflow_jax.models import gpt
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MATRICES = ("wqkv", "wo", "w1", "w3", "w2")
 
@@ -104,13 +108,7 @@ def make_split_pass(mesh):
 
 
 def median_ms(fn, repeats):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  return 1e3 * sampler.median_time(fn, repeats)
 
 
 def main():
