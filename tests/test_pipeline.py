@@ -6,7 +6,7 @@ stopped run must exit 0 and start no later stage; the same command must then fin
 params, codes and samples must equal those of an uninterrupted run bit for bit.
 
 To stay fast, one workdir is stopped in every stage in turn (each run resumes the stage the run
-before stopped in, then stops in the next), so the module starts 8 pipeline processes (the
+before stopped in, then stops in the next), so the module starts 9 pipeline processes (the
 uninterrupted one included), and every run shares one compilation cache; most of the time is JAX
 tracing the smoke models again in every new process.
 """
@@ -41,6 +41,9 @@ class Stage:
 STAGES = (
     Stage("tokenizer", "train tokenizer", "tokenizer_step:3",
           r"SIGTERM: saved step 3; exiting \(tokenizer: 3 of 4 steps\)", "tokenizer/checkpoints/4",
+          r"resumed from step 3 in "),
+    Stage("decoder", "train decoder", "decoder_step:3",
+          r"SIGTERM: saved step 3; exiting \(decoder: 3 of 4 steps\)", "decoder/checkpoints/4",
           r"resumed from step 3 in "),
     Stage("tokenizer_eval", "evaluate tokenizer", "eval_tokenizer_batch:1",
           r"SIGTERM: tokenizer evaluation stopped after 8 images", "tokenizer_eval/metrics.json"),
@@ -103,7 +106,7 @@ def checkpoint_state(workdir, folder):
 
 def assert_same_results(workdir, expected_dir):
   """Final params (whole train states), codes and samples equal bit for bit."""
-  for folder in ("tokenizer", "ar"):
+  for folder in ("tokenizer", "decoder", "ar"):
     step, state = checkpoint_state(workdir, folder)
     expected_step, expected = checkpoint_state(expected_dir, folder)
     assert step == expected_step and state.keys() == expected.keys()

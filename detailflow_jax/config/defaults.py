@@ -125,6 +125,14 @@ def code_reset_config():
   return ml_collections.ConfigDict(dict(every=0, decay=0.95, min_fraction=0.05))
 
 
+def finetune_config():
+  """Starting a tokenizer run from another one (train/finetune.py; not in the paper).
+  from_workdir: a tokenizer workdir whose latest raw params start this run (same `tokenizer`
+  architecture); "" trains from scratch. decoder_only: train only post_quant_conv and the
+  decoder, so every image keeps its codes and a GPT trained on them stays valid."""
+  return ml_collections.ConfigDict(dict(from_workdir="", decoder_only=False))
+
+
 def mesh_config():
   # -1 takes the devices the other axes leave. dcn_*: how many of each axis's devices lie in
   # other slices (TPU multislice) or processes (GPU hosts); all 1 = one slice. E.g. 4 slices
@@ -144,6 +152,7 @@ def tokenizer_training_config():
   c.optim = optim_config()
   c.train = train_config()
   c.code_reset = code_reset_config()   # dead-code restarts: off, as in the paper
+  c.finetune = finetune_config()       # from scratch, every param trained, as in the paper
   c.mesh = mesh_config()
   return c
 

@@ -1,8 +1,9 @@
 """The `pipeline` job: the embedded default end to end, each stage in its own sub-workdir.
 
-tokenizer/ (train) -> tokenizer_eval/ (PSNR per prefix) -> codes/ (extract) -> ar/ (train) ->
-samples/ (grid, strips, npz) -> judge/ (the fixed judge's accuracy and classifier FD of the
-samples; the judge is trained once and cached, eval/classifier_fd.py).
+tokenizer/ (train) -> decoder/ (the decoder fine-tuned on the frozen codes, when
+decoder_finetune.num_steps > 0) -> tokenizer_eval/ (PSNR per prefix) -> codes/ (extract) ->
+ar/ (train) -> samples/ (grid, strips, npz) -> judge/ (the fixed judge's accuracy and
+classifier FD of the samples; the judge is trained once and cached, eval/classifier_fd.py).
 Every stage resumes or is skipped when its output is complete, so rerunning the command after an
 interruption continues where it stopped: the trainers resume from their checkpoints, extraction
 from its shards, the tokenizer check and the samples are kept when they were made from the same
@@ -52,23 +53,53 @@ def tokenizer_eval_is_current(out_dir, tokenizer_workdir, eval_cfg):
           and all(evaluated.get(k) == v for k, v in wanted.items()))
 
 
+def decoder_stage_config(config, workdir):
+  """The decoder fine-tune's config: the tokenizer run's, continued from WORKDIR/tokenizer with
+  only the decoder trained (train/finetune.py), for decoder_finetune.num_steps at its own
+  learning rate; None when num_steps is 0."""
+  settings = config.get("decoder_finetune")
+  if not settings or not settings.num_steps:
+    return None
+  decoder = copy.deepcopy(config.tokenizer_run)
+  decoder.finetune.from_workdir = str(pathlib.Path(workdir) / "tokenizer")
+  decoder.finetune.decoder_only = True
+  decoder.code_reset.every = 0          # the codebook is frozen
+  decoder.train.num_steps = settings.num_steps
+  decoder.optim.learning_rate = settings.learning_rate
+  decoder.optim.min_learning_rate = min(decoder.optim.min_learning_rate, settings.learning_rate)
+  return decoder
+
+
 def stage_configs(config, workdir):
-  """The per-stage configs with the workdirs wired together."""
+  """The per-stage configs with the workdirs wired together. Codes come from tokenizer/ (a
+  decoder fine-tune keeps them); the tokenizer check and the samples decode with the final
+  tokenizer, decoder/ when the fine-tune is on."""
   w = pathlib.Path(workdir)
   tokenizer = copy.deepcopy(config.tokenizer_run)
+  decoder = decoder_stage_config(config, w)
   ar = copy.deepcopy(config.ar_run)
   ar.extract.tokenizer_workdir = str(w / "tokenizer")
   ar.data.codes_dir = str(w / "codes")
   extract = copy.deepcopy(ar)
   extract.job = "extract_codes"
   sample = copy.deepcopy(config)
-  sample.sample.tokenizer_workdir = str(w / "tokenizer")
+  sample.sample.tokenizer_workdir = str(final_tokenizer_dir(config, w))
   sample.sample.gpt_workdir = str(w / "ar")
-  return dict(tokenizer=tokenizer, extract=extract, ar=ar, sample=sample)
+  stages = dict(tokenizer=tokenizer, extract=extract, ar=ar, sample=sample)
+  if decoder is not None:
+    stages["decoder"] = decoder
+  return stages
+
+
+def final_tokenizer_dir(config, workdir):
+  """The workdir of the tokenizer the pipeline decodes with."""
+  name = "decoder" if decoder_stage_config(config, workdir) is not None else "tokenizer"
+  return pathlib.Path(workdir) / name
 
 
 # stage_configs key -> the stage's sub-workdir.
-STAGE_DIRS = dict(tokenizer="tokenizer", extract="codes", ar="ar", sample="samples")
+STAGE_DIRS = dict(tokenizer="tokenizer", decoder="decoder", extract="codes", ar="ar",
+                  sample="samples")
 
 
 def write_stage_configs(config, cfg, workdir):
@@ -76,7 +107,8 @@ def write_stage_configs(config, cfg, workdir):
   pipeline's own in WORKDIR/tensorboard)."""
   w = pathlib.Path(workdir)
   for key, folder in STAGE_DIRS.items():
-    metrics_writer.write_config(w / folder, cfg[key])
+    if key in cfg:
+      metrics_writer.write_config(w / folder, cfg[key])
   if config.tokenizer_eval.num_images:
     metrics_writer.write_config(w / "tokenizer_eval", config.tokenizer_eval)
 
@@ -99,14 +131,18 @@ def run_pipeline(config, workdir):
   with preemption.sigterm_caught():  # for callers that bypass main.py
     _stage("train tokenizer", lambda: tokenizer_trainer.train_and_evaluate(
         cfg["tokenizer"], w / "tokenizer"))
+    if "decoder" in cfg:
+      _stage("train decoder", lambda: tokenizer_trainer.train_and_evaluate(
+          cfg["decoder"], w / "decoder", name="decoder"))
+    final = final_tokenizer_dir(config, w)
     if config.tokenizer_eval.num_images:
       eval_cfg = copy.deepcopy(config.tokenizer_eval)
-      if tokenizer_eval_is_current(w / "tokenizer_eval", w / "tokenizer", eval_cfg):
+      if tokenizer_eval_is_current(w / "tokenizer_eval", final, eval_cfg):
         print(f"==> evaluate tokenizer: {w / 'tokenizer_eval'}/metrics.json is of the "
               "tokenizer's latest checkpoint with these settings; kept", flush=True)
       else:
         _stage("evaluate tokenizer", lambda: eval_tokenizer.evaluate_prefixes(
-            str(w / "tokenizer"), str(w / "tokenizer_eval"), eval_cfg, cfg["tokenizer"].data))
+            str(final), str(w / "tokenizer_eval"), eval_cfg, cfg["tokenizer"].data))
     extracted = _stage("extract codes",
                        lambda: extract_codes.extract_codes(cfg["extract"], w / "codes"))
     if extracted.get("replaced_stale_codes") and workdir_io.checkpoint_steps(w / "ar"):

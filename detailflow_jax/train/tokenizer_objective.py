@@ -21,6 +21,7 @@ from detailflow_jax.losses import gan
 from detailflow_jax.losses import perceptual
 from detailflow_jax.models import tokenizer as tokenizer_model
 from detailflow_jax.train import code_reset
+from detailflow_jax.train import finetune
 from detailflow_jax.train import optim
 
 
@@ -69,6 +70,7 @@ class TokenizerObjective:
       self.disc_apply = None
     batch = config.data.batch_size
     self.tx, self.lr_schedule = optim.adam_with_schedule(config.optim, config.train.num_steps, batch)
+    self.tx = finetune.wrap_optimizer(self.tx, config)
     self.disc_tx, _ = optim.adam_with_schedule(
         config.optim, config.train.num_steps, batch,
         learning_rate=optim.scaled_learning_rate(config.optim, batch)
@@ -133,6 +135,7 @@ class TokenizerObjective:
     loss_cfg = self.loss
     step = state.step + 1
     fwd_rng, gan_rng = jax.random.split(rng)
+    params = finetune.stop_frozen_gradients(params, self.config)
     target = batch["target"]
     out = self.model.apply(
         {"params": params["tokenizer"]}, batch["image"], batch["num_tokens"],

@@ -1,6 +1,7 @@
 """Creating the tokenizer train state directly in its shardings."""
 import jax
 
+from detailflow_jax.train import finetune
 from detailflow_jax.train import sharding
 
 
@@ -8,7 +9,11 @@ def create(config, objective, mesh):
   """Returns (state, abstract_state, shardings). Params are initialised inside jit with
   out_shardings, so no device ever holds an unsharded copy."""
   rng = jax.random.PRNGKey(config.seed)
-  init_params = None
+  finetune.check(config)
+  init_params = finetune.initial_tokenizer_params(config)
+  if init_params is not None and config.loss.init_encoder_from_siglip:
+    raise ValueError("finetune.from_workdir and loss.init_encoder_from_siglip both give the "
+                     "initial params; set --config.loss.init_encoder_from_siglip=False")
   if config.loss.init_encoder_from_siglip:
     from detailflow_jax.models import siglip2  # pylint: disable=g-import-not-at-top
     init_params = siglip2.tokenizer_params_with_siglip_encoder(

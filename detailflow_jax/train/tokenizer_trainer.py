@@ -157,8 +157,9 @@ def make_step_fn(config, objective, abstract_state, state_shardings, mesh, warm=
   return step
 
 
-def train_and_evaluate(config, workdir, on_metrics=None):
-  """The `train_tokenizer` job. `on_metrics(dict)` receives each logged set of scalars."""
+def train_and_evaluate(config, workdir, on_metrics=None, name="tokenizer"):
+  """The `train_tokenizer` job. `on_metrics(dict)` receives each logged set of scalars; `name`
+  names the run in its messages and its SIGTERM safe point (train/loop.py)."""
   workdir_io.save_workdir_config(config, workdir)
   mesh = sharding.build_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
@@ -182,7 +183,7 @@ def train_and_evaluate(config, workdir, on_metrics=None):
       num_steps=config.train.num_steps, log_every=config.train.log_every,
       checkpoint_every=config.train.checkpoint_every,
       keep_checkpoints=config.train.keep_checkpoints, hooks=hooks, on_metrics=on_metrics,
-      name="tokenizer")
+      name=name)
   if jax.process_index() == 0 and warm and not preemption.stop_requested():
     visuals(int(jax.device_get(state.step)), state)
   return state
