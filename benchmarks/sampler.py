@@ -2,8 +2,9 @@
 decode is not included).
 
 Measures, in one run:
-  * the machine's float32 matmul rate at a group step's shapes (2*batch*g rows x dim @ dim x
-    4*dim @ 4*dim x dim, jit), measured after every timed run (the machine may be shared);
+  * the machine's matmul rate in the run's --dtype at a group step's shapes (2*batch*g rows x
+    dim @ dim x 4*dim @ 4*dim x dim, jit), measured after every timed run (the machine may be
+    shared);
   * the KV-cache sampler (detailflow_jax.sampling.generate_codes) at each batch size:
     compile time, median wall time over --repeats runs, images/s, analytic FLOPs per image
     (with the cache and guidance), achieved GFLOP/s and its share of the matmul rate;
@@ -21,30 +22,32 @@ Weights are random (the head too, so sampling sees non-uniform logits); speed do
 on their values.
 """
 import argparse
-import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detailflow_jax import api
 from detailflow_jax import host_memory
 from detailflow_jax import sampling
 from detailflow_jax.models import gpt
 
 
-def make_matmul_rate(rows, dim):
-  """Returns a function measuring GFLOP/s of a chain of jitted float32 (rows x dim) @
-  (dim x 4 dim) @ (4 dim x dim) matmuls: the shapes of a group step's MLP."""
+def make_matmul_rate(rows, dim, dtype="float32"):
+  """Returns a function measuring GFLOP/s of a chain of jitted (rows x dim) @ (dim x 4 dim) @
+  (4 dim x dim) matmuls, the shapes of a group step's MLP, in `dtype` (bfloat16: bfloat16
+  operands summed in float32, as the model's projections)."""
   k = jax.random.PRNGKey(0)
-  w_in = jax.random.normal(k, (dim, 4 * dim), jnp.float32) * 0.02
-  w_out = jax.random.normal(k, (4 * dim, dim), jnp.float32) * 0.02
-  x = jax.random.normal(k, (rows, dim), jnp.float32)
+  w_in = (jax.random.normal(k, (dim, 4 * dim), jnp.float32) * 0.02).astype(dtype)
+  w_out = (jax.random.normal(k, (4 * dim, dim), jnp.float32) * 0.02).astype(dtype)
+  x = jax.random.normal(k, (rows, dim), jnp.float32).astype(dtype)
   chain = 20
+  dot = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype)
 
   @jax.jit
   def run(x, w_in, w_out):
-    return jax.lax.fori_loop(0, chain, lambda i, x: x + 1e-3 * ((x @ w_in) @ w_out), x)
+    return jax.lax.fori_loop(0, chain, lambda i, x: x + 1e-3 * dot(dot(x, w_in), w_out), x)
 
   jax.block_until_ready(run(x, w_in, w_out))
 
@@ -197,12 +200,13 @@ def main():
                       help="also time the causal and group phases against their weight floor")
   args = parser.parse_args()
 
-  config = dataclasses.replace(gpt.gpt_model_config(args.size), dtype=args.dtype)
+  config = gpt.gpt_model_config(args.size)
   params = gpt.init_params(config, jax.random.PRNGKey(0))
   params["output"]["kernel"] = 0.02 * jax.random.normal(
       jax.random.PRNGKey(1), params["output"]["kernel"].shape)
   if args.dtype == "bfloat16":   # half the bytes each step reads (norm scales stay float32)
-    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16) if w.ndim >= 2 else w, params)
+    bf16 = api.in_bfloat16(api.SamplerParams(tokenizer=None, gpt=params, gpt_config=config))
+    params, config = bf16.gpt, bf16.gpt_config
   n = config.block_size
   print(f"devices: {jax.devices()}")
   print(f"GPT-{args.size}: {config.num_layers}x{config.dim}x{config.num_heads}, vocab "
@@ -221,7 +225,8 @@ def main():
     start = time.perf_counter()
     jax.block_until_ready(run(0))
     compile_s = time.perf_counter() - start
-    times, rate = timed(run, args.repeats, make_matmul_rate(2 * batch * config.group_size, config.dim))
+    times, rate = timed(run, args.repeats,
+                        make_matmul_rate(2 * batch * config.group_size, config.dim, args.dtype))
     rows.append(("KV cache", batch, compile_s, times, flops_cached, rate))
     report(rows[-1])
 
@@ -233,7 +238,7 @@ def main():
     jax.block_until_ready(generate(labels, keys))
     compile_s = time.perf_counter() - start
     times, rate = timed(lambda i: generate(labels, keys), max(2, args.repeats // 2),
-                        make_matmul_rate(2 * batch * config.group_size, config.dim))
+                        make_matmul_rate(2 * batch * config.group_size, config.dim, args.dtype))
     rows.append(("no cache", batch, compile_s, times, flops_nocache, rate))
     report(rows[-1])
 

@@ -2,7 +2,7 @@
 
   python -m detailflow_jax.main --config=configs/eval_tokenizer_tiny.py \
       --workdir=workdirs/default/eval \
-      [--config.eval.tokenizer_workdir=workdirs/default/tokenizer]
+      [--config.eval.tokenizer_workdir=workdirs/default/decoder]
 
 Writes WORKDIR/eval_tokenizer/metrics.json and curve.png: PSNR/SSIM against the R(n) target and
 the full image, LPIPS, rFID and codebook usage for every n of the token list, on the 10,000 test

@@ -168,6 +168,18 @@ def decode(tokenizer: TokenizerParams, codes, num_tokens: Optional[int] = None,
   return _decode(tokenizer.params, codes, config, n, size)
 
 
+def in_bfloat16(params: SamplerParams) -> SamplerParams:
+  """params whose GPT computes in bfloat16 with its weight matrices stored in bfloat16 (norm
+  scales stay float32; products accumulate in float32). Half the bytes per decoding step:
+  on the CPUs of docs/performance.md, GPT-B sampling at batch 8 runs 1.4x faster, batch 1
+  1.1x. Sampled codes can differ from float32 sampling's, as the logits differ in bfloat16's
+  last bits. The tokenizer is unchanged."""
+  config = dataclasses.replace(params.gpt_config, dtype="bfloat16")
+  weights = jax.tree_util.tree_map(
+      lambda w: w.astype(jnp.bfloat16) if w.ndim >= 2 else w, params.gpt)
+  return params.replace(gpt=weights, gpt_config=config)
+
+
 def generate_codes(params: SamplerParams, labels, *, rng, cfg_scale=1.5, temperature=1.0,
                    top_k=0, top_p=1.0, gradual_cfg=False, num_tokens=None):
   """Group-parallel sampling of code sequences (B, num_tokens); see sampling.generate_codes."""

@@ -1,11 +1,13 @@
 """The KV-cache group-parallel sampler against the training-path forward, and its API."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import max_relative_error
-from detailflow_jax import kv_cache, sampling
+from detailflow_jax import api, kv_cache, sampling
 from detailflow_jax.models import gpt
 
 CONFIG = gpt.GPTConfig(vocab_size=64, num_layers=2, dim=32, num_heads=2, num_classes=10,
@@ -111,6 +113,38 @@ def test_unguided_decode_matches_training_forward(params, forward):
   # The mask lets one teacher-forced forward give every decision's logits at once.
   full = forward(codes[:, :-CONFIG.group_size], jnp.asarray(LABELS))
   assert max_relative_error(cond, full) <= 1e-5
+
+
+def bfloat16_dots(config, params):
+  """(bfloat16 -> float32, bfloat16 -> bfloat16) dot_general counts of a bfloat16 forward."""
+  fn = lambda p: gpt.GPT(config).apply({"params": p}, jnp.zeros((2, 8), jnp.int32),
+                                       jnp.zeros((2,), jnp.int32))
+  text = jax.jit(fn).lower(params).as_text()
+  dots = re.findall(r"stablehlo\.dot_general.*\((tensor<[^)]*)\) -> tensor<[0-9x]*(\w+)>", text)
+  low = [result for operands, result in dots if "bf16" in operands]
+  return low.count("f32"), low.count("bf16")
+
+
+def test_bfloat16_projections_accumulate_in_float32(params):
+  """Every projection (wqkv, wo, w1, w3, w2 per block, the head) and the attention scores of a
+  bfloat16 forward give float32 sums; only the attention-weighted values stay bfloat16."""
+  sampler = api.in_bfloat16(api.SamplerParams(tokenizer=None, gpt=params, gpt_config=CONFIG))
+  assert sampler.gpt_config.dtype == "bfloat16"
+  assert sampler.gpt["layers_0"]["feed_forward"]["w1"]["kernel"].dtype == jnp.bfloat16
+  assert sampler.gpt["norm"]["scale"].dtype == jnp.float32
+  to_float32, to_bfloat16 = bfloat16_dots(sampler.gpt_config, sampler.gpt)
+  assert (to_float32, to_bfloat16) == (6 * CONFIG.num_layers + 1, CONFIG.num_layers)
+
+
+def test_bfloat16_sampler_logits_follow_float32(params, forward):
+  """bfloat16 sampling (api.in_bfloat16): each decision's logits within bfloat16's precision
+  of the float32 training forward teacher-forced on the codes it chose."""
+  sampler = api.in_bfloat16(api.SamplerParams(tokenizer=None, gpt=params, gpt_config=CONFIG))
+  codes, cond, _ = sampling.generate_codes_with_logits(
+      sampler.gpt, sampler.gpt_config, LABELS, rng=_keys(2), cfg_scale=1.0, temperature=0.7)
+  full = forward(codes[:, :-CONFIG.group_size], jnp.asarray(LABELS))
+  error = max_relative_error(cond, full)
+  assert 1e-4 < error <= 3e-2, error   # not float32's 1e-5: bfloat16 did run
 
 
 @pytest.mark.parametrize("labels", [[0, 10], [-1], [2, 11, 5]])

@@ -9,7 +9,7 @@ import ml_collections
 
 from detailflow_jax.config import defaults
 
-DEFAULT_TOKENIZER_WORKDIR = "workdirs/default/tokenizer"
+DEFAULT_TOKENIZER_WORKDIR = "workdirs/default/decoder"  # the default run's final tokenizer
 DEFAULT_AR_WORKDIR = "workdirs/default/ar"
 
 

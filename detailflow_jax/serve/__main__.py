@@ -1,6 +1,6 @@
 """python -m detailflow_jax.serve --tokenizer=DIR --gpt=DIR [--port=8000]: the demo page.
 
-Loads a trained tokenizer + GPT pair (e.g. workdirs/default/tokenizer and workdirs/default/ar
+Loads a trained tokenizer + GPT pair (e.g. workdirs/default/decoder and workdirs/default/ar
 from README command 1), compiles every program a request runs, then serves the page at
 http://HOST:PORT/ until interrupted (docs/demo.md).
 """

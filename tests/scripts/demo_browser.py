@@ -1,7 +1,7 @@
 """Driving the demo page in Debian's headless Chromium (selenium): shared by tests/test_serve.py
 and, run as a script, the screenshot in docs/demo.md:
 
-  python tests/scripts/demo_browser.py --tokenizer=workdirs/default/tokenizer \
+  python tests/scripts/demo_browser.py --tokenizer=workdirs/default/decoder \
       --gpt=workdirs/default/ar --out=docs/images/demo.png --class_name=Sneaker --seed=0
 
 The script starts the server in-process on a free localhost port (warmed as
