@@ -4,6 +4,7 @@
     codes = encode(tokenizer, images); coarse = decode(tokenizer, codes, num_tokens=8)
     params = load_sampler_params(tokenizer_workdir, gpt_workdir)
     images = sample(params, labels, rng=jax.random.PRNGKey(0), cfg_scale=1.5)
+    fast = sample(in_bfloat16(params), labels, rng=jax.random.PRNGKey(0))  # bfloat16 GPT
     for stage in sample_progressive(params, labels, rng=jax.random.PRNGKey(0)):
       show(stage.images)   # at R(stage.num_tokens), coarse to fine; the last equals sample()
     small = sample(params, labels, rng=jax.random.PRNGKey(0), image_size=16)  # any-resolution
@@ -14,6 +15,7 @@ from detailflow_jax.api import TokenizerParams
 from detailflow_jax.api import decode
 from detailflow_jax.api import encode
 from detailflow_jax.api import generate_codes
+from detailflow_jax.api import in_bfloat16
 from detailflow_jax.api import load_sampler_params
 from detailflow_jax.api import load_tokenizer
 from detailflow_jax.api import sample
@@ -23,5 +25,5 @@ from detailflow_jax.api import token_count_for_size
 from detailflow_jax.api import tokenizer_params
 
 __all__ = ["Preview", "SamplerParams", "TokenizerParams", "decode", "encode", "generate_codes",
-           "load_sampler_params", "load_tokenizer", "sample", "sample_progressive",
+           "in_bfloat16", "load_sampler_params", "load_tokenizer", "sample", "sample_progressive",
            "supported_image_sizes", "token_count_for_size", "tokenizer_params"]
