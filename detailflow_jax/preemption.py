@@ -39,8 +39,9 @@ import numpy as np
 SIGTERM_AT_ENV = "DETAILFLOW_SIGTERM_AT"
 # Safe points by name (DETAILFLOW_SIGTERM_AT): "<trainer>_step" is the training loop's (its
 # `name`: tokenizer, decoder, ar); the others are where the jobs check between batches.
-POINTS = ("tokenizer_step", "decoder_step", "ar_step", "extract_batch", "eval_tokenizer_batch", "sample_batch",
-          "judge_epoch", "judge", "inception_batch", "eval_generator_batch", "stage_end")
+POINTS = ("tokenizer_step", "decoder_step", "ar_step", "extract_batch", "eval_tokenizer_batch",
+          "sample_batch", "judge_epoch", "judge", "inception_batch", "eval_generator_batch",
+          "stage_end")
 
 
 class Preempted(Exception):

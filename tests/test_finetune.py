@@ -62,3 +62,22 @@ def test_another_architecture_is_named(tmp_path, fake_fmnist_dir, trained_workdi
   config.tokenizer.codebook_size = 32
   with pytest.raises(ValueError, match="codebook_size: 64 there, 32 here"):
     tokenizer_trainer.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_resuming_on_a_retrained_tokenizer_is_refused(tmp_path, fake_fmnist_dir, trained_workdir):
+  """The decoder of a decoder-only run belongs to its source's codes: once that source is
+  another tokenizer (here: one trained with another seed), resuming must stop."""
+  finetuned = str(tmp_path / "finetuned")
+  tokenizer_trainer.train_and_evaluate(finetune_config(fake_fmnist_dir, trained_workdir, 2),
+                                       finetuned)
+  other = smoke_config(fake_fmnist_dir, 2)
+  other.seed = 7
+  retrained = str(tmp_path / "retrained")
+  tokenizer_trainer.train_and_evaluate(other, retrained)
+  with pytest.raises(ValueError, match="trained on other codes"):
+    tokenizer_trainer.train_and_evaluate(finetune_config(fake_fmnist_dir, retrained, 4),
+                                         finetuned)
+  # Against its own source it resumes.
+  state = tokenizer_trainer.train_and_evaluate(
+      finetune_config(fake_fmnist_dir, trained_workdir, 4), finetuned)
+  assert int(state.step) == 4

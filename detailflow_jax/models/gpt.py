@@ -115,7 +115,7 @@ def _dot_general(dtype):
   """The contraction of the projections for compute dtype `dtype`. Below float32 the products
   accumulate in float32 and the sum is cast back: XLA:CPU reaches its fast bfloat16 matmul
   kernels only for a float32 result (with a bfloat16 result, bfloat16 sampling at batch 8 was
-  no faster than float32; with this, 1.4x faster, docs/performance.md), and TPUs accumulate in
+  no faster than float32; with this, 1.46x faster, docs/performance.md), and TPUs accumulate in
   float32 anyway. In float32 it is jax.lax.dot_general itself."""
   if jnp.dtype(dtype) == jnp.float32:
     return jax.lax.dot_general

@@ -4,11 +4,13 @@ Not in the paper. `finetune.decoder_only` trains the path from codes to pixels
 (`post_quant_conv` and the decoder) and freezes the rest, so the encoder, `quant_conv`, the
 codebook and `refine_conv` (self-correction's re-embedding) stay as loaded: every image keeps
 its codes, and a GPT trained on the codes of the loaded tokenizer samples through the
-fine-tuned decoder unchanged. It is the cheap way to give a trained tokenizer a different
-decoder objective (LPIPS, the GAN) without retraining the GPT (docs/recipe.md measures it).
+fine-tuned decoder unchanged. The default pipeline's `train decoder` stage uses it to give the
+decoder steps the whole tokenizer had no time for; it also lets a trained decoder take another
+objective (LPIPS, the GAN) without retraining the GPT (both measured in docs/recipe.md).
 """
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from detailflow_jax import workdir_io
@@ -55,6 +57,25 @@ def initial_tokenizer_params(config):
                      f"{'; '.join(differ)}); give this run the same `tokenizer` section")
   print(f"starting from the tokenizer of {workdir} (step {loaded.step})", flush=True)
   return loaded.params
+
+
+CODEBOOK = ("params", "tokenizer", "quantize", "codebook")
+
+
+def check_resume(config, workdir):
+  """A decoder-only run that resumes in `workdir` must still sit on from_workdir's codes: when
+  from_workdir's codebook has changed since (that tokenizer was retrained), the decoder here
+  was trained for other codes, and going on would mix them. Raises a ValueError then."""
+  if not decoder_only(config) or not workdir_io.checkpoint_steps(workdir):
+    return
+  ours, step = workdir_io.restore_state_subtree(workdir, CODEBOOK)
+  source = _section(config)["from_workdir"]
+  theirs, their_step = workdir_io.restore_state_subtree(source, CODEBOOK)
+  if not np.array_equal(ours, theirs):
+    raise ValueError(
+        f"{workdir} (step {step}) holds a decoder trained on other codes than those of "
+        f"finetune.from_workdir={source} (step {their_step}): that tokenizer changed since. "
+        f"Delete {workdir} to train its decoder again")
 
 
 def _plain(value):

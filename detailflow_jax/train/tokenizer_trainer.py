@@ -22,6 +22,7 @@ from detailflow_jax import preemption
 from detailflow_jax import workdir_io
 from detailflow_jax.data import pipeline
 from detailflow_jax.train import checkpoints
+from detailflow_jax.train import finetune
 from detailflow_jax.train import loop
 from detailflow_jax.train import sharding
 from detailflow_jax.train import tokenizer_objective
@@ -160,6 +161,7 @@ def make_step_fn(config, objective, abstract_state, state_shardings, mesh, warm=
 def train_and_evaluate(config, workdir, on_metrics=None, name="tokenizer"):
   """The `train_tokenizer` job. `on_metrics(dict)` receives each logged set of scalars; `name`
   names the run in its messages and its SIGTERM safe point (train/loop.py)."""
+  finetune.check_resume(config, workdir)
   workdir_io.save_workdir_config(config, workdir)
   mesh = sharding.build_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
