@@ -46,7 +46,8 @@ def make_params(tokenizer_config, gpt_config_file):
   params = gpt.init_params(gcfg, jax.random.PRNGKey(1))
   params["output"]["kernel"] = 0.02 * jax.random.normal(
       jax.random.PRNGKey(2), params["output"]["kernel"].shape)
-  return dfj.SamplerParams(tokenizer=tokenizer, gpt=params, gpt_config=gcfg)
+  # The layout load_sampler_params gives.
+  return api.in_decoding_layout(dfj.SamplerParams(tokenizer=tokenizer, gpt=params, gpt_config=gcfg))
 
 
 def make_one_program(params, cfg_scale):

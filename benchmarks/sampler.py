@@ -3,8 +3,8 @@ decode is not included).
 
 Measures, in one run:
   * the machine's matmul rate in the run's --dtype at a group step's shapes (2*batch*g rows x
-    dim @ dim x 4*dim @ 4*dim x dim, jit), measured after every timed run (the machine may be
-    shared);
+    dim @ dim x 4*dim @ 4*dim x dim, jit; the faster of the two operand orders), measured after
+    every timed run (the machine may be shared);
   * the KV-cache sampler (detailflow_jax.sampling.generate_codes) at each batch size:
     compile time, median wall time over --repeats runs, images/s, analytic FLOPs per image
     (with the cache and guidance), achieved GFLOP/s and its share of the matmul rate;
@@ -37,7 +37,10 @@ from detailflow_jax.models import gpt
 def make_matmul_rate(rows, dim, dtype="float32"):
   """Returns a function measuring GFLOP/s of a chain of jitted (rows x dim) @ (dim x 4 dim) @
   (4 dim x dim) matmuls, the shapes of a group step's MLP, in `dtype` (bfloat16: bfloat16
-  operands summed in float32, as the model's projections)."""
+  operands summed in float32, as the model's projections). Each measurement times the chain in
+  both operand orders (x @ w, and w^T . x^T with the weights stored transposed, as the
+  decoding layout multiplies) and gives the faster: the machine's rate, whichever form XLA's
+  kernels favour."""
   k = jax.random.PRNGKey(0)
   w_in = (jax.random.normal(k, (dim, 4 * dim), jnp.float32) * 0.02).astype(dtype)
   w_out = (jax.random.normal(k, (4 * dim, dim), jnp.float32) * 0.02).astype(dtype)
@@ -46,15 +49,26 @@ def make_matmul_rate(rows, dim, dtype="float32"):
   dot = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype)
 
   @jax.jit
-  def run(x, w_in, w_out):
+  def rows_first(x, w_in, w_out):
     return jax.lax.fori_loop(0, chain, lambda i, x: x + 1e-3 * dot(dot(x, w_in), w_out), x)
 
-  jax.block_until_ready(run(x, w_in, w_out))
+  @jax.jit
+  def weights_first(x_t, w_in_t, w_out_t):   # x_t (dim, rows), w_*_t stored transposed
+    return jax.lax.fori_loop(0, chain, lambda i, x: x + 1e-3 * dot(w_out_t, dot(w_in_t, x)),
+                             x_t)
+
+  forms = [(rows_first, (x, w_in, w_out)),
+           (weights_first, (x.T.copy(), w_in.T.copy(), w_out.T.copy()))]
+  for fn, args in forms:
+    jax.block_until_ready(fn(*args))
 
   def measure():
-    start = time.perf_counter()
-    jax.block_until_ready(run(x, w_in, w_out))
-    return chain * 2 * (2 * rows * dim * 4 * dim) / (time.perf_counter() - start) / 1e9
+    seconds = []
+    for fn, args in forms:
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      seconds.append(time.perf_counter() - start)
+    return chain * 2 * (2 * rows * dim * 4 * dim) / min(seconds) / 1e9
   return measure
 
 
@@ -121,9 +135,16 @@ def make_nocache_sampler(config, params, cfg_scale):
   return generate
 
 
+def project(x, layer):
+  """x (rows, in) times a projection's weights in either layout (gpt.to_decoding_layout)."""
+  if "kernel_t" in layer:
+    return jax.lax.dot_general(layer["kernel_t"], x, (((1,), (1,)), ((), ()))).T
+  return x @ layer["kernel"]
+
+
 def make_weight_pass(params, config, rows):
   """Returns a jitted function: `rows` rows through every weight matrix a decode step reads
-  (blocks in order, then the head), matmuls and a residual add only."""
+  (blocks in order, then the head), matmuls and a residual add only, in the params' layout."""
   blocks = [params[f"layers_{i}"] for i in range(config.num_layers)]
   x = jax.random.normal(jax.random.PRNGKey(0), (rows, config.dim), jnp.float32)
 
@@ -132,13 +153,13 @@ def make_weight_pass(params, config, rows):
     for block in blocks:
       attn, ffn = block["attention"], block["feed_forward"]
       # q + k + v uses all of the fused projection's columns (a slice would let XLA skip some).
-      qkv = (x @ attn["wqkv"]["kernel"]).reshape(rows, 3, config.dim).sum(axis=1)
-      x = x + 1e-3 * (qkv @ attn["wo"]["kernel"])
-      hidden = (x @ ffn["w1"]["kernel"]) * (x @ ffn["w3"]["kernel"])
-      x = x + 1e-3 * (hidden @ ffn["w2"]["kernel"])
-    return x @ head
+      qkv = project(x, attn["wqkv"]).reshape(rows, 3, config.dim).sum(axis=1)
+      x = x + 1e-3 * project(qkv, attn["wo"])
+      hidden = project(x, ffn["w1"]) * project(x, ffn["w3"])
+      x = x + 1e-3 * project(hidden, ffn["w2"])
+    return project(x, head)
 
-  return lambda: weight_pass(x, blocks, params["output"]["kernel"])
+  return lambda: weight_pass(x, blocks, params["output"])
 
 
 def median_time(fn, repeats):
@@ -196,6 +217,9 @@ def main():
   parser.add_argument("--cfg_scale", type=float, default=1.5)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="compute dtype; bfloat16 also stores the weight matrices in bfloat16")
+  parser.add_argument("--layout", default="decoding", choices=("decoding", "stored"),
+                      help="GPT weights as api.load_sampler_params gives them (decoding: "
+                           "transposed, gpt.to_decoding_layout) or as checkpoints store them")
   parser.add_argument("--phases", action="store_true",
                       help="also time the causal and group phases against their weight floor")
   args = parser.parse_args()
@@ -207,11 +231,13 @@ def main():
   if args.dtype == "bfloat16":   # half the bytes each step reads (norm scales stay float32)
     bf16 = api.in_bfloat16(api.SamplerParams(tokenizer=None, gpt=params, gpt_config=config))
     params, config = bf16.gpt, bf16.gpt_config
+  if args.layout == "decoding":
+    params = gpt.to_decoding_layout(params)
   n = config.block_size
   print(f"devices: {jax.devices()}")
   print(f"GPT-{args.size}: {config.num_layers}x{config.dim}x{config.num_heads}, vocab "
         f"{config.vocab_size}, {n} tokens, g={config.group_size}, causal {config.causal_num}, "
-        f"cfg {args.cfg_scale}, {args.dtype}; {len(nocache_lengths(config, n))} steps")
+        f"cfg {args.cfg_scale}, {args.dtype}, {args.layout} layout; {len(nocache_lengths(config, n))} steps")
   flops_cached = cached_flops_per_image(config, n)
   flops_nocache = nocache_flops_per_image(config, n)
   print(f"FLOPs per image: {flops_cached / 1e9:.1f} G with the KV cache, "

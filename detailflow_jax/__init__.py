@@ -16,6 +16,7 @@ from detailflow_jax.api import decode
 from detailflow_jax.api import encode
 from detailflow_jax.api import generate_codes
 from detailflow_jax.api import in_bfloat16
+from detailflow_jax.api import in_decoding_layout
 from detailflow_jax.api import load_sampler_params
 from detailflow_jax.api import load_tokenizer
 from detailflow_jax.api import sample
@@ -25,5 +26,6 @@ from detailflow_jax.api import token_count_for_size
 from detailflow_jax.api import tokenizer_params
 
 __all__ = ["Preview", "SamplerParams", "TokenizerParams", "decode", "encode", "generate_codes",
-           "in_bfloat16", "load_sampler_params", "load_tokenizer", "sample", "sample_progressive",
-           "supported_image_sizes", "token_count_for_size", "tokenizer_params"]
+           "in_bfloat16", "in_decoding_layout", "load_sampler_params", "load_tokenizer", "sample",
+           "sample_progressive", "supported_image_sizes", "token_count_for_size",
+           "tokenizer_params"]

@@ -132,8 +132,9 @@ def test_sample_runs_on_imported_pair(workdirs, tmp_path):
   config = workdir_io.load_workdir_config(tmp_path / "ar")
   assert config.extract.tokenizer_workdir == str((tmp_path / "tok").absolute())
   labels = np.array([0, 2])
-  imported = api.sample(api.load_sampler_params(tmp_path / "tok", tmp_path / "ar"), labels,
-                        rng=jax.random.PRNGKey(3))
+  loaded = api.load_sampler_params(tmp_path / "tok", tmp_path / "ar")
+  assert "kernel_t" in loaded.gpt["output"]   # the decoding layout (gpt.to_decoding_layout)
+  imported = api.sample(loaded, labels, rng=jax.random.PRNGKey(3))
   original = api.sample(api.load_sampler_params(workdirs["tokenizer"], workdirs["gpt"]),
                         labels, rng=jax.random.PRNGKey(3))
   assert imported.shape == (2, 16, 16, 3)

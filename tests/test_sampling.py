@@ -147,6 +147,43 @@ def test_bfloat16_sampler_logits_follow_float32(params, forward):
   assert 1e-4 < error <= 3e-2, error   # not float32's 1e-5: bfloat16 did run
 
 
+def test_decoding_layout_gives_the_same_logits_and_codes(params, forward):
+  """gpt.to_decoding_layout (what load_sampler_params gives): every projection's kernel stored
+  transposed; the training forward and the sampler give the same numbers from it, and
+  from_decoding_layout restores the stored params exactly."""
+  transposed = gpt.to_decoding_layout(params)
+  block = transposed["layers_0"]
+  assert set(block["feed_forward"]["w1"]) == {"kernel_t"}
+  assert block["attention"]["wqkv"]["kernel_t"].shape == (3 * CONFIG.dim, CONFIG.dim)
+  assert transposed["output"]["kernel_t"].shape == (CONFIG.vocab_size, CONFIG.dim)
+  assert transposed["tok_embeddings"]["embedding"] is params["tok_embeddings"]["embedding"]
+  codes = jnp.asarray(np.arange(3 * 20).reshape(3, 20) % CONFIG.vocab_size)
+  stored_logits = forward(codes, jnp.asarray(LABELS))
+  transposed_logits = gpt.GPT(CONFIG).apply({"params": transposed}, codes, jnp.asarray(LABELS))
+  assert max_relative_error(transposed_logits, stored_logits) <= 1e-6
+  sample = lambda p: sampling.generate_codes_with_logits(p, CONFIG, LABELS, rng=_keys(4),
+                                                         cfg_scale=2.0, temperature=0.7)
+  (codes_a, cond_a, _), (codes_b, cond_b, _) = sample(params), sample(transposed)
+  np.testing.assert_array_equal(np.asarray(codes_b), np.asarray(codes_a))
+  assert max_relative_error(cond_b, cond_a) <= 1e-6
+  restored = gpt.from_decoding_layout(transposed)
+  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(params)
+  for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree_util.tree_structure(gpt.to_decoding_layout(transposed)) == \
+      jax.tree_util.tree_structure(transposed)   # already transposed: unchanged
+
+
+def test_bfloat16_decoding_layout_accumulates_in_float32(params):
+  """The transposed projections keep the float32 sums of a bfloat16 forward (as in the stored
+  layout above)."""
+  sampler = api.in_bfloat16(api.in_decoding_layout(
+      api.SamplerParams(tokenizer=None, gpt=params, gpt_config=CONFIG)))
+  assert sampler.gpt["layers_0"]["feed_forward"]["w1"]["kernel_t"].dtype == jnp.bfloat16
+  to_float32, to_bfloat16 = bfloat16_dots(sampler.gpt_config, sampler.gpt)
+  assert (to_float32, to_bfloat16) == (6 * CONFIG.num_layers + 1, CONFIG.num_layers)
+
+
 @pytest.mark.parametrize("labels", [[0, 10], [-1], [2, 11, 5]])
 def test_bad_labels_raise(params, labels):
   with pytest.raises(ValueError, match=r"valid range \[0, 10\)"):
