@@ -235,5 +235,9 @@ def test_categorical_from_uniform_inverts_the_cdf():
 def test_kv_cache_layout():
   cache = kv_cache.init_kv_cache(CONFIG, 5, 8)
   assert len(cache["k"]) == CONFIG.num_layers and cache["v"][0].shape == (5, 2, 8, 16)
+  assert cache["k"][0].shape == (5, 2, 16, 8)   # keys transposed: head_dim before positions
   grown = kv_cache.grow_kv_cache(cache, 32)
   assert kv_cache.cache_length(grown) == 32
+  assert grown["k"][0].shape == (5, 2, 16, 32) and grown["v"][0].shape == (5, 2, 32, 16)
+  with pytest.raises(ValueError, match="cannot shrink"):
+    kv_cache.grow_kv_cache(grown, 16)

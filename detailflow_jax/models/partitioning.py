@@ -23,6 +23,7 @@ BLHD = ("activation_batch", "activation_length", "activation_heads", "activation
 BLF = ("activation_batch", "activation_length", "activation_mlp")
 BLV = ("activation_batch", "activation_length", "activation_vocab")
 BHLD = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
+BHDL = ("activation_batch", "activation_heads", "activation_kv", "activation_length")
 
 
 def mesh_axes_for(names, shape, axis_sizes, rules, on_uneven=None):
