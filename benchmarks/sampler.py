@@ -18,10 +18,15 @@ Measures, in one run:
 
   python benchmarks/sampler.py --size B --batches 1,8,32 --repeats 5 --nocache_batches 8
 
+--layout picks the GPT weights' layout: decoding (transposed, what api.load_sampler_params
+gives; the default), stored (as checkpoints hold them), or both, whose samplers are called in
+turn, one call each per round, so that a noisy machine loads the two alike.
+
 Weights are random (the head too, so sampling sees non-uniform logits); speed does not depend
 on their values.
 """
 import argparse
+import functools
 import time
 
 import jax
@@ -193,16 +198,21 @@ def phase_rows(params, config, batch, cfg_scale, repeats):
            1e3 * (causal_steps * causal_floor + group_steps * group_floor))]  # ms in all
 
 
+def wall_time(fn, i):
+  start = time.perf_counter()
+  jax.block_until_ready(fn(i))
+  return time.perf_counter() - start
+
+
 def timed(fn, repeats, matmul_rate):
-  """Wall times of `repeats` calls, each followed by a matmul-rate measurement, so that the
-  rate is taken under the same (shared, noisy) machine load as the runs."""
-  times, rates = [], []
+  """Results of `repeats` calls of fn(i) (a wall time, or a dict of them when fn times several
+  things), each followed by a matmul-rate measurement, so that the rate is taken under the same
+  (shared, noisy) machine load as the runs."""
+  results, rates = [], []
   for i in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(i))
-    times.append(time.perf_counter() - start)
+    results.append(fn(i))
     rates.append(matmul_rate())
-  return times, float(np.median(rates))
+  return results, float(np.median(rates))
 
 
 def main():
@@ -217,9 +227,10 @@ def main():
   parser.add_argument("--cfg_scale", type=float, default=1.5)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="compute dtype; bfloat16 also stores the weight matrices in bfloat16")
-  parser.add_argument("--layout", default="decoding", choices=("decoding", "stored"),
+  parser.add_argument("--layout", default="decoding", choices=("decoding", "stored", "both"),
                       help="GPT weights as api.load_sampler_params gives them (decoding: "
-                           "transposed, gpt.to_decoding_layout) or as checkpoints store them")
+                           "transposed, gpt.to_decoding_layout) or as checkpoints store them; "
+                           "both: the two KV-cache samplers called in turn, run by run")
   parser.add_argument("--phases", action="store_true",
                       help="also time the causal and group phases against their weight floor")
   args = parser.parse_args()
@@ -231,8 +242,10 @@ def main():
   if args.dtype == "bfloat16":   # half the bytes each step reads (norm scales stay float32)
     bf16 = api.in_bfloat16(api.SamplerParams(tokenizer=None, gpt=params, gpt_config=config))
     params, config = bf16.gpt, bf16.gpt_config
-  if args.layout == "decoding":
-    params = gpt.to_decoding_layout(params)
+  layouts = {"stored": params, "decoding": gpt.to_decoding_layout(params)}
+  if args.layout != "both":
+    layouts = {args.layout: layouts[args.layout]}
+  params = list(layouts.values())[-1]   # the no-cache sampler and --phases: decoding if timed
   n = config.block_size
   print(f"devices: {jax.devices()}")
   print(f"GPT-{args.size}: {config.num_layers}x{config.dim}x{config.num_heads}, vocab "
@@ -246,15 +259,27 @@ def main():
   rows = []
   for batch in [int(b) for b in args.batches.split(",") if b]:
     labels = jnp.arange(batch, dtype=jnp.int32) % config.num_classes
-    run = lambda i: sampling.generate_codes(params, config, labels, rng=jax.random.PRNGKey(i),
-                                            cfg_scale=args.cfg_scale)
-    start = time.perf_counter()
-    jax.block_until_ready(run(0))
-    compile_s = time.perf_counter() - start
-    times, rate = timed(run, args.repeats,
+    runs, compile_s = {}, {}
+    for name, weights in layouts.items():
+      runs[name] = functools.partial(
+          lambda i, weights: sampling.generate_codes(weights, config, labels,
+                                                     rng=jax.random.PRNGKey(i),
+                                                     cfg_scale=args.cfg_scale), weights=weights)
+      start = time.perf_counter()
+      jax.block_until_ready(runs[name](0))
+      compile_s[name] = time.perf_counter() - start
+    # One call of each layout per round, then the probe: the layouts see the same load.
+    times, rate = timed(lambda i: {name: wall_time(run, i) for name, run in runs.items()},
+                        args.repeats,
                         make_matmul_rate(2 * batch * config.group_size, config.dim, args.dtype))
-    rows.append(("KV cache", batch, compile_s, times, flops_cached, rate))
-    report(rows[-1])
+    for name in runs:
+      label = "KV cache" if len(runs) == 1 else f"KV cache, {name}"
+      rows.append((label, batch, compile_s[name], [t[name] for t in times], flops_cached, rate))
+      report(rows[-1])
+    if len(runs) > 1:
+      ratios = [t["stored"] / t["decoding"] for t in times]
+      print(f"batch {batch}: stored / decoding time, per round: "
+            f"{', '.join(f'{r:.2f}' for r in ratios)} (median {np.median(ratios):.2f})")
 
   for batch in [int(b) for b in args.nocache_batches.split(",") if b]:
     labels = jnp.arange(batch, dtype=jnp.int32) % config.num_classes
@@ -263,7 +288,8 @@ def main():
     start = time.perf_counter()
     jax.block_until_ready(generate(labels, keys))
     compile_s = time.perf_counter() - start
-    times, rate = timed(lambda i: generate(labels, keys), max(2, args.repeats // 2),
+    times, rate = timed(lambda i: wall_time(lambda _: generate(labels, keys), i),
+                        max(2, args.repeats // 2),
                         make_matmul_rate(2 * batch * config.group_size, config.dim, args.dtype))
     rows.append(("no cache", batch, compile_s, times, flops_nocache, rate))
     report(rows[-1])

@@ -181,7 +181,8 @@ def in_bfloat16(params: SamplerParams) -> SamplerParams:
   scales stay float32; products accumulate in float32). Half the bytes per decoding step:
   on the CPUs of docs/performance.md, GPT-B sampling at batch 8 runs 1.46x faster, batch 1
   1.26x. Sampled codes can differ from float32 sampling's, as the logits differ in bfloat16's
-  last bits. The tokenizer is unchanged."""
+  last bits. The tokenizer is unchanged. On a CPU without bfloat16 instructions (AVX2 only)
+  it is slower than float32 (docs/performance.md)."""
   config = dataclasses.replace(params.gpt_config, dtype="bfloat16")
   weights = jax.tree_util.tree_map(
       lambda w: w.astype(jnp.bfloat16) if w.ndim >= 2 else w, params.gpt)
