@@ -67,7 +67,7 @@ def masked_attention(q, k_t, v, mask):
   Returns (B, Q, H, D)."""
   scale = 1.0 / np.sqrt(q.shape[-1])
   # Both products heads-first, moving q and the result instead: XLA:CPU multiplies the
-  # (b, h) batches of a decode step 1.6x faster so than with q and the output positions-first.
+  # (b, h) batches of a decode step 1.6x faster than with q and the output positions-first.
   scores = jnp.einsum("bhqd,bhdk->bhqk", _heads_first(q), k_t,
                       preferred_element_type=jnp.float32) * scale
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -421,25 +421,24 @@ def param_logical_axes(config):
   return nn.get_partition_spec(abstract["params"])
 
 
+def _transpose_kernels(tree, name, new_name):
+  """tree with every 2-D leaf `name` replaced by its transpose under `new_name`."""
+  if name in tree and not isinstance(tree[name], dict):
+    rest = {k: v for k, v in tree.items() if k != name}
+    return {**rest, new_name: jnp.asarray(tree[name]).T}
+  return {k: _transpose_kernels(v, name, new_name) if isinstance(v, dict) else v
+          for k, v in tree.items()}
+
+
 def to_decoding_layout(params):
   """params with every projection's `kernel` (in, out) stored transposed as `kernel_t`
   (out, in), which the model reads as well (Projection, QKVProjection): the same products,
   computed weight-matrix-first, which makes the CPU sampler faster (docs/performance.md).
   For inference only: training, checkpoints, sharding rules and conversion use `kernel`, and
   from_decoding_layout undoes it. Params already in this layout come back unchanged."""
-  def convert(tree):
-    if "kernel" in tree and not isinstance(tree["kernel"], dict):
-      rest = {k: v for k, v in tree.items() if k != "kernel"}
-      return {**rest, "kernel_t": jnp.asarray(tree["kernel"]).T}
-    return {k: convert(v) if isinstance(v, dict) else v for k, v in tree.items()}
-  return convert(dict(params))
+  return _transpose_kernels(dict(params), "kernel", "kernel_t")
 
 
 def from_decoding_layout(params):
   """The inverse of to_decoding_layout: every `kernel_t` back to `kernel` (in, out)."""
-  def convert(tree):
-    if "kernel_t" in tree and not isinstance(tree["kernel_t"], dict):
-      rest = {k: v for k, v in tree.items() if k != "kernel_t"}
-      return {**rest, "kernel": jnp.asarray(tree["kernel_t"]).T}
-    return {k: convert(v) if isinstance(v, dict) else v for k, v in tree.items()}
-  return convert(dict(params))
+  return _transpose_kernels(dict(params), "kernel_t", "kernel")
