@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detailflow_jax.models import linear
 from detailflow_jax.models.partitioning import BLE, BLF, BLHD, constrain
 
 Dtype = Any
@@ -177,6 +178,7 @@ class SiglipAttention(nn.Module):
     # Megatron: q/k/v column-parallel (output = heads, head-major), out_proj row-parallel.
     dense = lambda name, names, bias: nn.Dense(
         self.width, dtype=self.dtype, precision=self.precision, name=name,
+        dot_general=linear.dense_dot_general,
         kernel_init=logical(nn.initializers.xavier_uniform(), names),
         bias_init=logical(nn.initializers.zeros, (bias,)))
     b, l, _ = x.shape
@@ -205,10 +207,12 @@ class SiglipMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, precision=self.precision,
+                 dot_general=linear.dense_dot_general,
                  kernel_init=logical(nn.initializers.xavier_uniform(), ("embed", "mlp")),
                  bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)), name="fc1")(x)
     x = constrain(jax.nn.gelu(constrain(x, BLF), approximate=True), BLF)  # gelu_pytorch_tanh
     return constrain(nn.Dense(self.width, dtype=self.dtype, precision=self.precision,
+                              dot_general=linear.dense_dot_general,
                               kernel_init=logical(nn.initializers.xavier_uniform(), ("mlp", "embed")),
                               bias_init=logical(nn.initializers.normal(1e-6), ("bias",)),
                               name="fc2")(x), BLE)
